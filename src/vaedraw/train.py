@@ -1,0 +1,355 @@
+"""Training: the loop, its monitoring, checkpoints, resume and interruption.
+
+A run directory holds everything about one run:
+    config.json            the resolved RunConfig (the checkpoint holds it too)
+    command.txt            the command lines that trained it (one per start or resume)
+    metrics.jsonl          one JSON object per log point: {"step", "split": "train"|"test", "loss", ...}
+    checkpoint.safetensors weights, optimizer, RNG states, config, versions (see checkpoint.py)
+    pictures/step_*.png    fixed test inputs, their reconstructions, and decodes of fixed codes
+    curves.png, progress.gif, samples.png, gmm.safetensors   written at the end
+
+Batches are drawn by index from the whole dataset held as one uint8 tensor on the training device.
+The order is a fresh permutation per epoch, seeded by (seed, epoch), so it needs no saved state; the
+global RNG (dropout, reparameterization noise, dynamic binarization) is saved in each checkpoint, so a
+resumed run on the CPU ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_io
+from . import data as data_mod
+from . import plots
+from .config import RunConfig, diff
+from .errors import ConfigError, VaedrawError
+from .evaluate import eval_inputs, test_loss
+from .models import build_model, count_parameters
+from .objectives import vae_loss
+from .run import resolve_device
+from .sample import GMM_NAME, decode_means, fit_gmm
+
+# Changing these on resume is harmless: they do not change the model or the optimization.
+RESUME_FREE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.picture_every",
+                    "train.checkpoint_every", "train.eval_images", "sample.gmm_components", "sample.fit_gmm",
+                    "sample.sampler", "sample.temperature", "train.compile", "train.precision"}
+N_FIXED = 10  # fixed test inputs (and codes per row) in the monitoring picture
+
+
+class TrainingInterrupted(VaedrawError):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingDiverged(VaedrawError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+# ----------------------------------------------------------------------------- batches
+class Batcher:
+    """Draw the batch for global step s by index from device-resident data.
+
+    images: uint8 [N, 28, 28] on the device; labels: int64 [N]. Each epoch is a permutation seeded by
+    (seed, epoch); step s takes slice s mod (N // B) of it (the last partial batch is dropped). With
+    `world` processes, rank r takes its contiguous share of every global batch.
+    """
+
+    def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size > len(images):
+            raise ConfigError(f"train.batch_size={batch_size} is larger than the training set ({len(images)} images)")
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.steps_per_epoch = len(images) // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
+            self._epoch = epoch
+        local = self.batch_size // self.world
+        start = i * self.batch_size + self.rank * local
+        return self._perm[start:start + local]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> x float [B, 1, 28, 28] in [0, 1], y int64 [B]."""
+        idx = self.indices(step)
+        return self.images[idx].unsqueeze(1).float().div_(255), self.labels[idx]
+
+
+def learning_rate(step: int, cfg: RunConfig) -> float:
+    """constant, or cosine from lr down to lr_min_ratio * lr at the last step."""
+    t = cfg.train
+    if t.lr_schedule == "constant":
+        return t.lr
+    frac = min(step / max(1, t.steps), 1.0)
+    return t.lr * (t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.Adam:
+    t = cfg.train
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fast)
+
+
+def train_step(model, opt, x, y, cfg: RunConfig) -> torch.Tensor:
+    """One optimizer step on a batch; returns [loss, recon, kl] detached (no host sync)."""
+    if cfg.data.binarize == "dynamic":
+        x = torch.bernoulli(x)
+    logits, mu, logvar, _ = model(x, y if model.n_classes else None)
+    loss, recon, kl = vae_loss(x, logits.float(), mu.float(), logvar.float(), cfg.model.likelihood)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return torch.stack([loss, recon, kl]).detach()
+
+
+# ----------------------------------------------------------------------------- run directory
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].to(torch.uint8).cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu(), device)
+
+
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, keep: str | None,
+                    overrides_given: bool) -> tuple[RunConfig, ckpt_io.Checkpoint | None]:
+    """Check the run directory and settle the config. Returns (config to use, checkpoint to resume or None).
+
+    Never overwrites another run silently: a directory that already holds a run needs --resume, and any
+    other non-empty directory is refused. On resume, a requested config that differs from the stored one
+    (beyond RESUME_FREE_KEYS) is refused unless `keep` says which to use ('stored' or 'new').
+    """
+    ckpt_path = out / ckpt_io.CHECKPOINT_NAME
+    has_run = ckpt_path.exists() or (out / "config.json").exists()
+    if not resume:
+        if has_run:
+            raise VaedrawError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+        if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+            raise VaedrawError(f"{out} exists and is not empty; choose a new or empty --out directory")
+        return cfg, None
+    if not ckpt_path.exists():
+        raise VaedrawError(f"--resume: {out} holds no checkpoint to resume; start a new run without --resume")
+    ckpt = ckpt_io.load(ckpt_path)
+    stored = ckpt.config
+    if not overrides_given:
+        return stored, ckpt
+    changed = {k: v for k, v in diff(stored, cfg).items() if k not in RESUME_FREE_KEYS}
+    if changed and keep is None:
+        lines = ", ".join(f"{k}: stored {a!r} vs requested {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume: the requested config disagrees with the stored one ({lines}); "
+                          "pass --keep stored to continue as stored, or --keep new to use the requested values")
+    if keep == "stored":
+        for k in RESUME_FREE_KEYS:  # still honour harmless changes such as a longer run
+            section, name = k.split(".")
+            setattr(getattr(stored, section), name, getattr(getattr(cfg, section), name))
+        return stored, ckpt
+    return cfg, ckpt
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into a flag checked after each step, so the loop can save and exit cleanly."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:  # a second Ctrl-C while saving: leave immediately; the old checkpoint is intact
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint's step (they will be written again)."""
+    rows = [r for r in plots.read_metrics(path) if r.get("step", 0) <= step]
+    ckpt_io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Monitor:
+    """Fixed test inputs and fixed codes, decoded at every picture step so pictures compare across time."""
+
+    x: torch.Tensor  # [N_FIXED, 1, 28, 28]
+    y: torch.Tensor  # [N_FIXED]
+    z: torch.Tensor  # [3 * N_FIXED, D]
+    zy: torch.Tensor | None  # labels for the fixed codes (conditional runs): 0..9 per row
+
+    @torch.no_grad()
+    def picture(self, model) -> torch.Tensor:
+        was = model.training
+        model.eval()
+        mu, _ = model.encode(self.x, self.y if model.n_classes else None)
+        rec = torch.sigmoid(model.decode(mu, self.y if model.n_classes else None).float())
+        gen = decode_means(model, self.z, self.zy).to(self.x.device)
+        model.train(was)
+        return torch.cat([self.x.float(), rec, gen]).cpu()
+
+
+def train(cfg: RunConfig, out: str | Path, *, device: str = "auto", data_dir: str | Path | None = None,
+          resume: bool = False, keep: str | None = None, overrides_given: bool = True, progress: bool = True,
+          epochs: float | None = None, argv: list[str] | None = None) -> Path:
+    """Train a VAE per `cfg` into the run directory `out` and return it. See the module docstring.
+
+    `epochs`, if given, sets cfg.train.steps to ceil(epochs * training images / batch size).
+    """
+    out = Path(out)
+    cfg, ckpt = prepare_run_dir(out, cfg, resume, keep, overrides_given)
+    dev = resolve_device(device)
+    t = cfg.train
+
+    train_split, test_split = data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress)
+    if epochs is not None:
+        t.steps = math.ceil(epochs * len(train_split) / t.batch_size)
+    images, labels = train_split.images.to(dev), train_split.labels.to(dev)
+    n_eval = min(t.eval_images, len(test_split))
+    x_test = eval_inputs(test_split.images[:n_eval], cfg.model.likelihood == "bernoulli").to(dev)
+    y_test = test_split.labels[:n_eval].to(dev)
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(dev)
+    opt = make_optimizer(model, cfg, dev)
+    start = 0
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optim_state)
+        _set_rng_state(ckpt.rng, dev)
+        start = ckpt.step
+        _truncate_metrics(metrics_path, start)
+    ckpt_io.atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+    with open(out / "command.txt", "a") as f:
+        f.write(shlex.join(argv if argv is not None else sys.argv) + "\n")
+
+    batcher = Batcher(images, labels, t.batch_size, t.seed)
+    g_fixed = torch.Generator().manual_seed(t.seed + 1)
+    zy = torch.arange(10).repeat(3) if cfg.model.n_classes else None
+    monitor = Monitor(
+        x=eval_inputs(test_split.images[:N_FIXED], False).to(dev), y=test_split.labels[:N_FIXED].to(dev),
+        z=torch.randn(3 * N_FIXED, cfg.model.latent_dim, generator=g_fixed), zy=zy,
+    )
+    (out / "pictures").mkdir(exist_ok=True)
+
+    def save_checkpoint(step: int, metrics: dict) -> None:
+        ckpt_io.save(out / ckpt_io.CHECKPOINT_NAME, ckpt_io.Checkpoint(
+            config=cfg, model_state=model.state_dict(), step=step, optim_state=opt.state_dict(),
+            rng=_rng_state(dev), metrics=metrics))
+
+    def log(row: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    print(f"vaedraw: training preset {cfg.preset!r} ({count_parameters(model):,} parameters) on "
+          f"{train_split.name} ({len(train_split):,} images), device {dev}, steps {start}->{t.steps}",
+          file=sys.stderr)
+    last_metrics: dict = dict(ckpt.metrics) if ckpt else {}
+    model.train()
+    window = torch.zeros(3, device=dev)
+    window_steps, window_t0 = 0, time.perf_counter()
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+               file=sys.stderr)
+    step = start
+    with _stop_on_signals() as signals:
+        try:
+            while step < t.steps:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(step, cfg)
+                x, y = batcher.batch(step)
+                window += train_step(model, opt, x, y, cfg)
+                window_steps += 1
+                step += 1
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.steps:
+                    loss, recon, kl = (window / window_steps).tolist()  # the only regular host sync
+                    now = time.perf_counter()
+                    ips = window_steps * t.batch_size / (now - window_t0)
+                    if not all(math.isfinite(v) for v in (loss, recon, kl)):
+                        raise TrainingDiverged(
+                            f"the training loss became {loss} near step {step}; stopped without saving, so "
+                            f"{out / ckpt_io.CHECKPOINT_NAME} still holds the last good state. Likely causes: a "
+                            "learning rate too high for this model (try a smaller --lr), or bad input data")
+                    row = {"step": step, "split": "train", "loss": loss, "recon": recon, "kl": kl,
+                           "lr": learning_rate(step - 1, cfg), "images_per_s": ips}
+                    log(row)
+                    bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{ips:.0f}")
+                    window.zero_()
+                    window_steps, window_t0 = 0, time.perf_counter()
+                    last_metrics["train"] = row
+                if step % t.eval_every == 0 or step == t.steps:
+                    ev = test_loss(model, x_test, y_test, cfg.model.likelihood)
+                    row = {"step": step, "split": "test", **ev}
+                    log(row)
+                    last_metrics["test"] = row
+                    bar.write(f"step {step}: test loss {ev['loss']:.3f} (recon {ev['recon']:.3f}, kl {ev['kl']:.3f})")
+                if step % t.picture_every == 0 or step == t.steps:
+                    plots.save_grid(monitor.picture(model), out / "pictures" / f"step_{step:07d}.png", nrow=N_FIXED)
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    save_checkpoint(step, last_metrics)
+                if signals:
+                    save_checkpoint(step, last_metrics)
+                    name = signal.Signals(signals[0]).name
+                    raise TrainingInterrupted(
+                        f"{name} received: saved a checkpoint at step {step}; continue with "
+                        f"`vaedraw train --out {out} --resume`", 128 + signals[0])
+        finally:
+            bar.close()
+
+    finish_run(out, model, cfg, train_split, dev)
+    return out
+
+
+def finish_run(out: Path, model, cfg: RunConfig, train_split, dev: torch.device) -> None:
+    """End-of-training artifacts: curves, the progress GIF, the gmm sampler, a sample grid."""
+    from PIL import Image
+
+    plots.plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{cfg.preset} on {cfg.data.dataset}")
+    frames = [Image.open(p).convert("L") for p in sorted((out / "pictures").glob("step_*.png"))]
+    if frames:
+        plots.save_gif(frames, out / "progress.gif")
+    model.eval()
+    if cfg.sample.fit_gmm:
+        fit_gmm(model, train_split.images, train_split.labels if cfg.model.n_classes else None,
+                cfg.sample.gmm_components, cfg.train.seed, out / GMM_NAME)
+    from .run import load_run
+
+    run = load_run(out, device=str(dev))
+    n = 100
+    y = torch.arange(10).repeat_interleave(10) if run.conditional else None
+    plots.save_grid(run.sample(n, seed=0, y=y), out / "samples.png", nrow=10)
