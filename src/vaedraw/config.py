@@ -96,7 +96,7 @@ class RunConfig:
                 "upgrade vaedraw to load it"
             )
         cfg = cls()
-        apply_overrides(cfg, flatten(d))
+        apply_overrides(cfg, {k: v for k, v in flatten(d).items() if k != "version"})
         return cfg
 
 
@@ -220,6 +220,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Set dotted keys on `cfg` in place (and return it); unknown keys and bad types raise ConfigError."""
     for key, value in overrides.items():
+        if key == "version":  # the format marker: a run saved with another value could not be read back
+            raise ConfigError("config key 'version' is the config format version; it cannot be set")
         obj: Any = cfg
         parts = key.split(".")
         for i, part in enumerate(parts):
