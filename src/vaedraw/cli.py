@@ -202,7 +202,142 @@ def cmd_fit_gmm(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm]
+# ----------------------------------------------------------------------------- latent-space pictures
+def _digit(text: str) -> int:
+    try:
+        d = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a digit 0-9, got {text!r}") from None
+    if not 0 <= d <= 9:
+        raise argparse.ArgumentTypeError(f"expected a digit 0-9, got {d}")
+    return d
+
+
+def add_interpolate(sub) -> None:
+    p = sub.add_parser("interpolate", help="decode the path between two test images (linear and spherical)")
+    _add_run(p)
+    g = p.add_argument_group("endpoints (default: the first test 3 and the first test 8)")
+    g.add_argument("--from-index", type=int, help="index of the first test image")
+    g.add_argument("--to-index", type=int, help="index of the second test image")
+    g.add_argument("--from-digit", type=_digit, help="the first test image of this digit")
+    g.add_argument("--to-digit", type=_digit, help="the first test image of this digit")
+    p.add_argument("--steps", type=_positive_int, default=10, help="points on each path, endpoints included")
+    p.add_argument("--out", default="interp.png", help="strip: linear row above, spherical row below")
+    p.add_argument("--gif", help="also write an animated GIF (linear | spherical), there and back")
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.set_defaults(func=cmd_interpolate)
+
+
+def cmd_interpolate(args) -> int:
+    from . import latent, plots
+    from .run import load_run
+
+    if (args.from_index is None) != (args.to_index is None):
+        raise VaedrawError("give both --from-index and --to-index")
+    if (args.from_index is not None) and (args.from_digit is not None or args.to_digit is not None):
+        raise VaedrawError("choose endpoints by --from-index/--to-index or by --from-digit/--to-digit, not both")
+    run = load_run(args.run_dir, args.device)
+    test = latent.load_test_split(run, args.data_dir)
+    if args.from_index is not None:
+        ends = [args.from_index, args.to_index]
+        bad = [i for i in ends if not 0 <= i < len(test)]
+        if bad:
+            raise VaedrawError(f"test image index {bad[0]} is out of range 0..{len(test) - 1}")
+    else:
+        digits = [3 if args.from_digit is None else args.from_digit, 8 if args.to_digit is None else args.to_digit]
+        ends = [latent.first_index_of(test.labels, d) for d in digits]
+    x = test.images[ends].unsqueeze(1).float().div(255)
+    y0, y1 = (int(test.labels[i]) for i in ends)
+    path = latent.interpolate(run, x[0], x[1], args.steps, y0, y1)
+    plots.save_strip([path.linear, path.spherical], args.out)
+    print(f"vaedraw: test images {ends[0]} ({y0}) -> {ends[1]} ({y1}), {args.steps} steps, linear and spherical "
+          f"-> {args.out}")
+    if args.gif:
+        frames = plots.animation_frames([latent.there_and_back(path.linear), latent.there_and_back(path.spherical)])
+        plots.save_gif(frames, args.gif)
+        print(f"vaedraw: animation (linear | spherical), {len(frames)} frames -> {args.gif}")
+    return 0
+
+
+def add_latent_map(sub) -> None:
+    p = sub.add_parser("latent-map", help="test-set encoder means in the plane, coloured by digit")
+    _add_run(p)
+    p.add_argument("--method", choices=("pca", "tsne", "umap"), default="pca",
+                   help="projection for latents larger than 2-d (default pca; umap needs umap-learn)")
+    p.add_argument("-n", type=_positive_int, default=5000, help="test images to place (default 5000)")
+    p.add_argument("--out", default="latent_map.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE / UMAP optimisation")
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.set_defaults(func=cmd_latent_map)
+
+
+def cmd_latent_map(args) -> int:
+    from . import latent, plots
+    from .run import load_run
+
+    run = load_run(args.run_dir, args.device)
+    test = latent.load_test_split(run, args.data_dir)
+    mu, labels = latent.encoder_means(run, test.images, test.labels, args.n)
+    proj = latent.Projection.fit(mu, args.method, args.seed)
+    names = {"plane": ("z1", "z2"), "pca": ("PC 1", "PC 2")}.get(proj.method, (f"{proj.method} 1", f"{proj.method} 2"))
+    what = "the latent plane" if proj.method == "plane" else f"{proj.method} of the {run.latent_dim}-d means"
+    plots.plot_latent_map(proj.points, labels.numpy(), args.out, axis_names=names,
+                          title=f"{run.config.preset}: {len(mu)} test encoder means, {what}")
+    print(f"vaedraw: {len(mu)} test codes ({what}) -> {args.out}")
+    return 0
+
+
+def add_manifold(sub) -> None:
+    p = sub.add_parser("manifold", help="decode a grid over a latent plane (inverse-normal-CDF spacing)")
+    _add_run(p)
+    p.add_argument("--grid", type=_positive_int, default=20, help="digits per side (default 20)")
+    p.add_argument("--out", default="manifold.png")
+    p.add_argument("--digit", type=_digit, help="conditional runs: the digit to draw (default 0)")
+    p.add_argument("-n", type=_positive_int, default=5000,
+                   help="latents larger than 2-d: test images whose means give the plane (default 5000)")
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.set_defaults(func=cmd_manifold)
+
+
+def cmd_manifold(args) -> int:
+    from . import latent, plots
+    from .run import load_run
+
+    run = load_run(args.run_dir, args.device)
+    if args.grid < 2:
+        raise VaedrawError(f"--grid must be at least 2, got {args.grid}")
+    mu = None
+    if run.latent_dim != 2:
+        test = latent.load_test_split(run, args.data_dir)
+        mu, _ = latent.encoder_means(run, test.images, test.labels, args.n)
+    digit = args.digit if args.digit is not None else (0 if run.conditional else None)
+    x = latent.manifold(run, args.grid, mu, digit if run.conditional else args.digit)
+    plots.save_manifold(x, args.grid, args.out)
+    plane = "the latent plane" if mu is None else "the two leading principal directions of the test means"
+    print(f"vaedraw: {args.grid}x{args.grid} manifold over {plane} -> {args.out}")
+    return 0
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="the web explorer: sliders, drawing canvas, latent map")
+    _add_run(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files (for the latent map)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from . import web
+    from .run import load_run
+
+    run = load_run(args.run_dir, args.device)
+    web.serve(run, host=args.host, port=args.port, data_dir=args.data_dir)
+    return 0
+
+
+COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm, add_interpolate, add_latent_map, add_manifold,
+            add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

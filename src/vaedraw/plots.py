@@ -101,3 +101,47 @@ def plot_curves(metrics_path: str | Path, out: str | Path, title: str = "") -> P
     atomic_write_bytes(out, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return out
+
+
+# ----------------------------------------------------------------------------- latent-space pictures
+def plot_latent_map(points: np.ndarray, labels: np.ndarray, out: str | Path, title: str = "",
+                    axis_names: tuple[str, str] = ("", "")) -> Path:
+    """Scatter of 2-d positions [N, 2] coloured by label [N] (one colour per digit, with a legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, labels = np.asarray(points), np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10")
+    for d in np.unique(labels):
+        m = labels == d
+        ax.scatter(points[m, 0], points[m, 1], s=4, alpha=0.6, color=cmap(int(d) % 10), label=str(int(d)),
+                   linewidths=0)
+    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out)
+    atomic_write_bytes(out, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return out
+
+
+def save_manifold(x: torch.Tensor, grid: int, path: str | Path) -> Path:
+    """A manifold grid [grid * grid, 1, 28, 28] (row-major) as one picture, no gaps between digits."""
+    return save_image(image_grid(x, nrow=grid, pad=0, scale=1), path)
+
+
+def save_strip(rows: list[torch.Tensor], path: str | Path) -> Path:
+    """Interpolation strips, one row per tensor [T, 1, 28, 28] (all the same T)."""
+    return save_grid(torch.cat(rows), path, nrow=len(rows[0]))
+
+
+def animation_frames(rows: list[torch.Tensor], scale: int = 4) -> list[Image.Image]:
+    """Frame t shows image t of every row side by side. rows: tensors [T, 1, 28, 28] (the same T)."""
+    return [image_grid(torch.stack([r[t] for r in rows]), nrow=len(rows), scale=scale) for t in range(len(rows[0]))]
