@@ -24,3 +24,36 @@ def mnist_dir() -> Path:
     if missing:
         pytest.skip(f"official MNIST files not found in {folder} (missing {', '.join(missing)}); set VAEDRAW_TEST_MNIST_DIR")
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests run tiny models, for which a second intra-op thread only adds contention on shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_RUN_ARGS = [
+    "--steps", "6", "--seed", "7", "--no-progress", "--device", "cpu",
+    "--set", "train.batch_size=32", "--set", "train.eval_images=200", "--set", "sample.gmm_components=5",
+    "--set", "model.channels=8", "--set", "model.hidden=32", "--set", "train.log_every=2",
+    "--set", "train.eval_every=3", "--set", "train.picture_every=3", "--set", "train.checkpoint_every=3",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory trained on real MNIST through `vaedraw train` with tiny budgets (6 steps of 32 images,
+    an 8-channel model, a 5-component mixture: TINY_RUN_ARGS). Shared: tests must only read it."""
+    from vaedraw.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VAEDRAW_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        code = main(["train", "--out", str(out), "--data-dir", str(mnist_dir), *TINY_RUN_ARGS])
+    assert code == 0, "training the shared tiny run failed"
+    return out
