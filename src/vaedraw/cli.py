@@ -202,6 +202,38 @@ def cmd_fit_gmm(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="likelihood bounds and sample quality of a trained run")
+    _add_run(p)
+    p.add_argument("--split", choices=("test", "train"), default="test", help="images for the likelihood (default test)")
+    p.add_argument("--iwae-k", type=_positive_int, default=1000, help="importance samples per image (default 1000)")
+    p.add_argument("--n-samples", type=_positive_int, default=10000, help="generated digits judged (default 10000)")
+    p.add_argument("--n-images", type=_positive_int, help="use only the first N images of the split (default all)")
+    p.add_argument("--sampler", choices=("prior", "gmm"), help="default: the run's preset's best")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT.json", help="also write the figures as JSON")
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .checkpoint import atomic_write_text
+    from .evaluate import evaluate_run, format_report
+    from .run import load_run
+
+    run = load_run(args.run_dir, args.device)
+    result = evaluate_run(run, split=args.split, iwae_k=args.iwae_k, n_samples=args.n_samples, sampler=args.sampler,
+                          data_dir=args.data_dir, seed=args.seed, n_images=args.n_images)
+    print(format_report(result))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        print(f"vaedraw: figures -> {args.json}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- latent-space pictures
 def _digit(text: str) -> int:
     try:
@@ -336,8 +368,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm, add_interpolate, add_latent_map, add_manifold,
-            add_serve]
+COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm, add_eval, add_interpolate, add_latent_map,
+            add_manifold, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

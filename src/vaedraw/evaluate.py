@@ -3,15 +3,33 @@
 Data protocol for Bernoulli models: the grayscale test images are binarized once, x ~ Bernoulli(pixel),
 with a fixed seed (`binarize_fixed`), the usual protocol for dynamically binarized MNIST. Models with
 the article's Gaussian (squared-error) likelihood see the grayscale pixels.
+
+`evaluate_run` (behind `vaedraw eval`) reports, for a trained run:
+
+- likelihood, nats per image on a split: the ELBO (analytic KL, one z per image) and the
+  importance-weighted bound L_k (Burda et al. 2015, eq. 8);
+- sample quality judged by our own classifier (evaluator.py): the Frechet distance between its
+  penultimate features of generated digits and of the test images, the share of digits it recognizes
+  with probability >= 0.9, and the entropy of its predicted labels; the same for reconstructions,
+  and the Frechet distance of real training images to the test images as the floor.
+
+The JSON keys are listed in `evaluate_run` and in docs/EVALUATION.md.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 
-from .objectives import kl_to_standard_normal, reconstruction_loss
+from .errors import VaedrawError
+from .objectives import iwae_bound, iwae_log_weights, kl_to_standard_normal, reconstruction_loss
 
 EVAL_SEED = 12345  # the fixed seed of the test binarization and of evaluation noise
+RECOGNIZED = 0.9  # a digit is recognizable when the evaluator gives its top class at least this probability
+REFERENCE_IMAGES = 10_000  # real images on each side of a Frechet distance
+MAX_DECODES = 8192  # images decoded per batched call in the IWAE estimate (bounds memory)
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:
@@ -58,3 +76,239 @@ def test_loss(model, x: torch.Tensor, y: torch.Tensor | None, likelihood: str, b
     model.train(was_training)
     loss, recon, kl = (sums / len(x)).tolist()
     return {"loss": loss, "recon": recon, "kl": kl}
+
+
+# ----------------------------------------------------------------------------- likelihood
+@torch.no_grad()
+def iwae(model, x: torch.Tensor, y: torch.Tensor | None, likelihood: str, k: int, seed: int = EVAL_SEED,
+         max_decodes: int = MAX_DECODES) -> torch.Tensor:
+    """The importance-weighted bound L_k per image (Burda et al. 2015, eq. 8), dropout off. x: [N, 1, 28, 28] -> [N].
+
+    Estimator: L_k = log (1/k) sum_j p(x, z_j) / q(z_j | x), z_j ~ q(z|x), a lower bound on log p(x) that
+    does not decrease with k. Images go in batches of B = max(1, max_decodes // k) and the k samples in
+    chunks, so each batched decode holds at most about `max_decodes` images; the log-sum-exp over the k
+    log weights is taken in float64. Noise from a generator seeded with `seed` on x's device.
+    """
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    b = max(1, max_decodes // k)
+    chunk = max(1, min(k, max_decodes // b))
+    out = []
+    for i in range(0, len(x), b):
+        xb = x[i:i + b]
+        yb = None if y is None or not model.n_classes else y[i:i + b]
+        log_w = iwae_log_weights(model, xb, k, likelihood, yb, chunk=chunk, generator=g)
+        out.append(iwae_bound(log_w.double()))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- sample quality
+def gaussian_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [F] and unbiased covariance [F, F] of features f: [N, F], in float64."""
+    f = f.double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / max(1, len(f) - 1)
+
+
+def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix by eigen-decomposition."""
+    w, v = torch.linalg.eigh(0.5 * (a + a.T))
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets f1: [N, F], f2: [M, F] (Heusel et al. 2017).
+
+    FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), in float64. The trace term uses
+    the symmetric form, whose square root is that of a PSD matrix (eigh), so it is real and stable.
+    """
+    mu1, s1 = gaussian_stats(f1)
+    mu2, s2 = gaussian_stats(f2)
+    r1 = _sqrtm_psd(s1)
+    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
+    fd = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross
+    return max(0.0, fd.item())
+
+
+def label_stats(proba: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    """Classifier verdicts on a set of images. proba: [N, 10] -> dict of floats.
+
+    recognizable: share with max probability >= RECOGNIZED; coverage_bits: entropy (bits) of the
+    histogram of predicted labels (uniform over 10 = 3.32); class_shares [10], min/max_class_share.
+    With requested labels y: [N], label_accuracy {digit: share predicted as that digit} and its mean.
+    """
+    conf, pred = proba.max(1)
+    shares = torch.bincount(pred, minlength=proba.shape[1]).double() / max(1, len(pred))
+    nz = shares[shares > 0]
+    out = {
+        "n": len(proba),
+        "recognizable": (conf >= RECOGNIZED).double().mean().item(),
+        "coverage_bits": -(nz * nz.log2()).sum().item(),
+        "min_class_share": shares.min().item(),
+        "max_class_share": shares.max().item(),
+        "class_shares": [round(v, 5) for v in shares.tolist()],
+    }
+    if y is not None:
+        hit = (pred == y).double()
+        out["label_accuracy"] = {str(d): hit[y == d].mean().item() for d in range(proba.shape[1]) if (y == d).any()}
+        out["label_accuracy_mean"] = hit.mean().item()
+    return out
+
+
+def quality(evaluator, x: torch.Tensor, ref_features: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    """FD of images x: [N, 1, 28, 28] (pixel means) to reference features [M, F], plus `label_stats`."""
+    return {"fd": frechet_distance(evaluator.features(x), ref_features), **label_stats(evaluator.predict_proba(x), y)}
+
+
+def _fixed_choice(n_total: int, n: int, seed: int = EVAL_SEED) -> torch.Tensor:
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+# ----------------------------------------------------------------------------- the whole report
+def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int = 10000, sampler: str | None = None,
+                 data_dir=None, seed: int = 0, n_images: int | None = None) -> dict:
+    """Evaluate a loaded run (vaedraw.run.Run): likelihood on a split and sample quality. Returns a JSON-able dict.
+
+    Data protocol: the first `n_images` images of `split` (default all: 10,000 for the MNIST test split);
+    Bernoulli models see them binarized once with the fixed seed EVAL_SEED, Gaussian ones the grayscale
+    pixels. Keys (see docs/EVALUATION.md):
+
+    run_dir, preset, dataset, step, device, split, n_images, likelihood ("bernoulli" | "gaussian"), protocol
+    elbo, recon, kl     ELBO = -(recon + KL), analytic KL, one z ~ q(z|x) per image (nats per image)
+    iwae, iwae_k        L_k (Burda et al. 2015, eq. 8), k samples per image (nats per image)
+    objective           gaussian only: the article's loss, sum of squared errors + KL (not a likelihood)
+    comparable          whether elbo/iwae are comparable with Bernoulli figures on binarized MNIST
+    quality_available, quality_note, evaluator_accuracy
+    fd_floor            FD of 10,000 fixed real training images to the test images
+    samples             {sampler, n, fd, recognizable, coverage_bits, min_class_share, max_class_share,
+                         class_shares, and for conditional runs label_accuracy {digit: share}, label_accuracy_mean}
+    reconstructions     the same for decode(mu(x)) of the split's images (label_accuracy against their labels)
+    seconds             {elbo, iwae, quality}
+    """
+    from . import data as data_mod
+
+    if split not in data_mod.SPLITS:
+        raise VaedrawError(f"unknown split {split!r}; choose one of: {', '.join(data_mod.SPLITS)}")
+    if iwae_k < 1 or n_samples < 1:
+        raise VaedrawError("--iwae-k and --n-samples must be positive")
+    cfg, model, dev = run.config, run.model, run.device
+    dataset, lik = cfg.data.dataset, cfg.model.likelihood
+    sampler = sampler or cfg.sample.sampler
+    part = data_mod.load_split(dataset, split, data_dir, progress=False)
+    n = len(part) if n_images is None else min(n_images, len(part))
+    images, labels = part.images[:n], part.labels[:n]
+    binarized = lik == "bernoulli"
+    protocol = (f"{part.name}, first {n:,} images, "
+                + (f"binarized once x ~ Bernoulli(pixel) with fixed seed {EVAL_SEED}" if binarized
+                   else "grayscale pixels in [0, 1]"))
+    res: dict = {"run_dir": str(run.run_dir), "preset": cfg.preset, "dataset": dataset, "step": run.step,
+                 "device": str(dev), "split": split, "n_images": n, "likelihood": lik, "protocol": protocol,
+                 "comparable": binarized, "seconds": {}}
+
+    x = eval_inputs(images, binarized).to(dev)
+    y = labels.to(dev) if run.conditional else None
+    t0 = time.perf_counter()
+    ev = test_loss(model, x, y, lik, seed=EVAL_SEED + seed)
+    res["seconds"]["elbo"] = time.perf_counter() - t0
+    if lik == "gaussian":
+        # log_px includes the Gaussian's normalizer; the article's loss is its squared error alone.
+        const = 0.5 * math.log(math.pi) * x[0].numel()
+        res.update(objective=ev["loss"], elbo=-(ev["loss"] + const), recon=ev["recon"] + const, kl=ev["kl"])
+    else:
+        res.update(elbo=-ev["loss"], recon=ev["recon"], kl=ev["kl"], objective=None)
+    t0 = time.perf_counter()
+    # A GPU holds far more decodes per call than the CPU's caches like.
+    max_decodes = MAX_DECODES * (4 if dev.type == "cuda" else 1)
+    res["iwae"] = iwae(model, x, y, lik, iwae_k, seed=EVAL_SEED + seed, max_decodes=max_decodes).mean().item()
+    res["iwae_k"] = iwae_k
+    res["seconds"]["iwae"] = time.perf_counter() - t0
+    del x
+
+    q = quality_figures(run, n_samples=n_samples, sampler=sampler, data_dir=data_dir, seed=seed,
+                        images=images, labels=labels)
+    res["seconds"].update(q.pop("seconds", {}))
+    res.update(q)
+    return res
+
+
+def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, data_dir=None, seed: int = 0,
+                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+    """The sample-quality part of `evaluate_run`: keys quality_available, quality_note, evaluator_accuracy,
+    fd_floor, samples, reconstructions, seconds.quality (see there).
+
+    Generated digits: `n_samples` codes from `sampler` (default the preset's) with a CPU generator seeded
+    with `seed`, decoded to pixel means; conditional runs request labels 0..9 in turn. Reconstructions:
+    decode(mu(x)) of `images` (uint8 [N, 28, 28], default the test split) in grayscale. Reference: the
+    evaluator's features of up to 10,000 test images; the floor compares 10,000 fixed training images.
+    """
+    from . import data as data_mod
+    from .evaluator import load_evaluator
+
+    t0 = time.perf_counter()
+    dataset = run.config.data.dataset
+    sampler = sampler or run.config.sample.sampler
+    try:
+        evaluator = load_evaluator(dataset, device=run.device)
+    except VaedrawError as e:
+        return {"quality_available": False, "evaluator_accuracy": None, "fd_floor": None, "samples": None,
+                "reconstructions": None, "quality_note": f"sample-quality figures unavailable: {e}"}
+    train, test = data_mod.load_dataset(dataset, data_dir, progress=False)
+    if images is None:
+        images, labels = test.images, test.labels
+    m = min(REFERENCE_IMAGES, len(test))
+    ref = evaluator.features(as_float(test.images[_fixed_choice(len(test), m)]))
+    real = as_float(train.images[_fixed_choice(len(train), m)])
+    res = {"quality_available": True, "evaluator_accuracy": evaluator.test_accuracy,
+           "quality_note": (f"evaluator: our CNN for {dataset} (test accuracy {evaluator.test_accuracy:.4f}); "
+                            f"features of pixel means vs {m:,} {test.name} images"),
+           "fd_floor": frechet_distance(evaluator.features(real), ref)}
+    y_gen = torch.arange(n_samples) % 10 if run.conditional else None
+    x_gen = run.sample(n_samples, sampler=sampler, seed=seed, y=y_gen)
+    res["samples"] = {"sampler": sampler, **quality(evaluator, x_gen, ref, y_gen)}
+    x_rec = run.reconstruct(as_float(images), labels if run.conditional else None)
+    res["reconstructions"] = quality(evaluator, x_rec, ref, labels)
+    res["seconds"] = {"quality": time.perf_counter() - t0}
+    return res
+
+
+def format_report(result: dict) -> str:
+    """A readable table of an `evaluate_run` result, stating estimators and the data protocol."""
+    r = result
+    lines = [f"vaedraw eval: {r['run_dir']} (preset {r['preset']}, {r['dataset']}, step {r['step']:,}, {r['device']})",
+             f"likelihood ({r['likelihood']}) on {r['protocol']}; nats per image, higher is better:"]
+    if r["objective"] is not None:
+        lines.append(f"  {'article objective (sq. error + KL, lower is better)':<44}{r['objective']:>10.2f}")
+    lines += [
+        f"  {'ELBO (analytic KL, 1 sample)':<44}{r['elbo']:>10.2f}   recon {r['recon']:.2f}, KL {r['kl']:.2f}",
+        f"  {'IWAE bound L_k, k=%d (Burda et al. eq. 8)' % r['iwae_k']:<44}{r['iwae']:>10.2f}"
+        f"   ({r['seconds']['iwae']:.1f} s)",
+    ]
+    if not r["comparable"]:
+        lines.append("  note: Gaussian log-density of grayscale pixels (sigma^2 = 1/2): NOT comparable with "
+                     "Bernoulli figures on binarized images")
+    if not r["quality_available"]:
+        lines.append(r["quality_note"] + "; likelihoods above are still valid")
+        return "\n".join(lines)
+    lines += [f"sample quality ({r['quality_note']}):",
+              f"  {'':<28}{'FD':>9}{'recognizable':>14}{'coverage bits':>15}{'class share min/max':>21}"]
+
+    def row(name: str, q: dict | None, extra: str = "") -> str:
+        if q is None:
+            return f"  {name:<28}{'-':>9}"
+        return (f"  {name:<28}{q['fd']:>9.2f}{q['recognizable']:>14.3f}{q['coverage_bits']:>15.3f}"
+                f"{q['min_class_share']:>12.3f} / {q['max_class_share']:.3f}{extra}")
+
+    s, rec = r["samples"], r["reconstructions"]
+    acc = f"   label accuracy {s['label_accuracy_mean']:.3f}" if "label_accuracy_mean" in s else ""
+    lines += [row(f"samples ({s['sampler']}, n={s['n']:,})", s, acc),
+              row(f"reconstructions (n={rec['n']:,})", rec),
+              f"  {'real train vs test (floor)':<28}{r['fd_floor']:>9.2f}",
+              f"  recognizable: max class probability >= {RECOGNIZED}; coverage: entropy of predicted labels "
+              f"(uniform = {math.log2(10):.2f} bits)"]
+    if "label_accuracy" in s:
+        lines.append("  label accuracy per requested digit: "
+                     + " ".join(f"{d}:{v:.2f}" for d, v in s["label_accuracy"].items()))
+    return "\n".join(lines)

@@ -76,17 +76,17 @@ def vae_loss(
 
 
 def iwae_log_weights(model, x: torch.Tensor, k: int, likelihood: str, y: torch.Tensor | None = None,
-                     chunk: int = 256) -> torch.Tensor:
+                     chunk: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
     """log w_j = log p(x|z_j) + log p(z_j) - log q(z_j|x), z_j ~ q(z|x), j = 1..k. x: [B, C, H, W] -> [k, B].
 
-    The k samples are decoded in chunks of `chunk` samples at a time (each chunk one batched decode).
-    Uses the global torch RNG; seed it for a reproducible estimate.
+    The k samples are decoded in chunks of `chunk` samples at a time (each chunk one batched decode of
+    chunk * B images). The noise comes from `generator` (on x's device), else the global torch RNG.
     """
     mu, logvar = model.encode(x, y)
     out = []
     for start in range(0, k, chunk):
         kk = min(chunk, k - start)
-        eps = torch.randn(kk, *mu.shape, device=mu.device, dtype=mu.dtype)
+        eps = torch.randn(kk, *mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
         z = mu + torch.exp(0.5 * logvar) * eps  # [kk, B, D]
         yy = None if y is None else y.repeat(kk)
         logits = model.decode(z.reshape(-1, z.shape[-1]), yy).view(kk, *x.shape)

@@ -1,0 +1,209 @@
+"""Evaluation: the IWAE bound against the ELBO, the Frechet distance, label statistics, the gmm sampler
+through a saved run, and `vaedraw eval` end to end on a tiny run trained on real MNIST digits."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vaedraw import build_config, load_run
+from vaedraw import data as data_mod
+from vaedraw.cli import main
+from vaedraw.evaluate import (
+    binarize_fixed, evaluate_run, format_report, frechet_distance, iwae, label_stats,
+)
+from vaedraw import evaluate
+from vaedraw.models import build_model
+from vaedraw.objectives import iwae_bound, iwae_log_weights, log_normal, log_px, log_standard_normal
+from vaedraw.sample import GMM_NAME, GaussianMixture
+
+TINY = {"model.channels": 8, "model.hidden": 32, "model.latent_dim": 4, "train.steps": 40, "train.batch_size": 32,
+        "train.log_every": 20, "train.eval_every": 40, "train.picture_every": 40, "train.checkpoint_every": 40,
+        "train.eval_images": 200, "sample.gmm_components": 3}
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    magic = (0x00000803 if array.ndim == 3 else 0x00000801).to_bytes(4, "big")
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(magic + dims + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def small_mnist(mnist_dir, tmp_path_factory):
+    """A folder of real MNIST digits in the standard IDX layout: 3,000 training and 500 test images."""
+    folder = tmp_path_factory.mktemp("small-mnist")
+    for split, n, (img_name, lab_name) in (("train", 3000, data_mod._FILES["train"]),
+                                           ("test", 500, data_mod._FILES["test"])):
+        s = data_mod.load_split("mnist", split, mnist_dir, progress=False)
+        _write_idx(folder / f"{img_name}.gz", s.images[:n].numpy())
+        _write_idx(folder / f"{lab_name}.gz", s.labels[:n].numpy())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_mnist, tmp_path_factory):
+    from vaedraw.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(build_config("default", overrides=TINY), out, device="cpu", data_dir=small_mnist, progress=False,
+          argv=["test"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_dir):
+    test = data_mod.load_split("mnist", "test", mnist_dir, progress=False)
+    return binarize_fixed(test.images[:16])
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(build_config("default", overrides={"model.latent_dim": 4, "model.channels": 8,
+                                                          "model.hidden": 32}).model).eval()
+
+
+# ----------------------------------------------------------------------------- likelihood
+@torch.no_grad()
+def test_iwae_with_one_sample_is_the_one_sample_elbo_for_the_same_noise(batch):
+    model = _model()
+    log_w = iwae_log_weights(model, batch, 1, "bernoulli", generator=torch.Generator().manual_seed(7))
+    mu, logvar = model.encode(batch)
+    eps = torch.randn(1, *mu.shape, generator=torch.Generator().manual_seed(7))
+    z = (mu + torch.exp(0.5 * logvar) * eps)[0]
+    elbo_1 = log_px(batch, model.decode(z), "bernoulli") + log_standard_normal(z) - log_normal(z, mu, logvar)
+    assert log_w.shape == (1, len(batch))
+    torch.testing.assert_close(iwae_bound(log_w), elbo_1, rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_iwae_k1_mean_matches_the_analytic_kl_elbo(batch):
+    model = _model()
+    x = batch[:4]
+    draws = iwae(model, x.repeat(500, 1, 1, 1), None, "bernoulli", k=1, seed=1).view(500, 4)
+    analytic = torch.stack([-evaluate.test_loss(model, x, None, "bernoulli", seed=s)["loss"] * torch.ones(())
+                            for s in range(100)])
+    # Both estimate the same ELBO (mean over the 4 images); compare within 4 standard errors.
+    a, b = draws.mean(1), analytic.double()
+    se = math.sqrt(a.var().item() / len(a) + b.var().item() / len(b))
+    assert abs(a.mean().item() - b.mean().item()) < 4 * se + 1e-6
+    assert se > 0  # the draws do vary: the comparison is not vacuous
+
+
+@torch.no_grad()
+def test_iwae_bound_grows_with_k(batch):
+    model = _model()
+    means = []
+    for k in (1, 10, 100):
+        reps = torch.stack([iwae(model, batch, None, "bernoulli", k=k, seed=r) for r in range(8)])  # [R, B]
+        means.append(reps.mean().item())
+    assert means[0] < means[1] < means[2]
+    # and it stays a lower bound of the same quantity: no jump beyond what k=100 adds over k=10
+    assert means[2] - means[1] < means[1] - means[0] + 5.0
+
+
+def test_iwae_is_chunked_without_changing_its_value(batch):
+    model = _model()
+    a = iwae(model, batch[:3], None, "bernoulli", k=50, seed=3, max_decodes=10_000)  # all 3 images, one chunk
+    b = iwae(model, batch[:3], None, "bernoulli", k=50, seed=3, max_decodes=50)     # one image at a time
+    assert a.shape == b.shape == (3,)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    # Different batching draws different noise, so compare statistically: both near the same value.
+    assert (a - b).abs().max() < 15
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_a_shift_adds_its_squared_norm():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 8, generator=g) @ torch.randn(8, 8, generator=g)  # correlated features
+    assert frechet_distance(a, a) < 1e-6
+    shift = torch.tensor([1.0, -2.0, 0.5, 0, 0, 0, 0, 3.0])
+    assert frechet_distance(a, a + shift) == pytest.approx(shift.pow(2).sum().item(), rel=1e-6)
+    b = torch.randn(4000, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    assert frechet_distance(a, b) > 1.0  # different covariances are told apart
+
+
+def test_frechet_distance_matches_the_closed_form_for_isotropic_gaussians():
+    # N(0, I) vs N(m, 4 I) in d dims: |m|^2 + d (1 + 4 - 2 * 2) = |m|^2 + d.
+    g = torch.Generator().manual_seed(1)
+    d, n = 6, 200_000
+    a = torch.randn(n, d, generator=g)
+    b = 2 * torch.randn(n, d, generator=g) + 1.0
+    assert frechet_distance(a, b) == pytest.approx(d * 1.0 + d, rel=0.03)
+
+
+def test_label_stats_coverage_and_recognizable():
+    eye = torch.eye(10)
+    uniform = label_stats(eye.repeat(50, 1))
+    assert uniform["coverage_bits"] == pytest.approx(math.log2(10))
+    assert uniform["recognizable"] == 1.0 and uniform["min_class_share"] == pytest.approx(0.1)
+    one = label_stats(torch.full((20, 10), 0.02).index_put_((torch.arange(20), torch.zeros(20, dtype=torch.long)),
+                                                            torch.tensor(0.82)))
+    assert one["coverage_bits"] == 0.0 and one["recognizable"] == 0.0 and one["max_class_share"] == 1.0
+    y = torch.arange(10).repeat(50)
+    acc = label_stats(eye.repeat(50, 1), y)
+    assert acc["label_accuracy_mean"] == 1.0 and set(acc["label_accuracy"]) == {str(d) for d in range(10)}
+
+
+# ----------------------------------------------------------------------------- runs
+def test_gmm_sampler_round_trips_through_a_saved_run(tiny_run, tmp_path):
+    run = load_run(tiny_run, "cpu")
+    assert run.gmm is not None and run.gmm.means.shape == (3, 4)
+    gmm = GaussianMixture.load(tiny_run / GMM_NAME)
+    gmm.save(tmp_path / "copy.safetensors")
+    again = GaussianMixture.load(tmp_path / "copy.safetensors")
+    for name in ("weights", "means", "scale_tril"):
+        torch.testing.assert_close(getattr(again, name), getattr(gmm, name), rtol=0, atol=0)
+    z1, z2 = run.codes(20000, sampler="gmm", seed=5), run.codes(20000, sampler="gmm", seed=5)
+    torch.testing.assert_close(z1, z2, rtol=0, atol=0)
+    # The codes follow the mixture: their mean is the weighted mean of the component means.
+    expected = (gmm.weights[:, None] * gmm.means).sum(0)
+    spread = z1.std(0) / math.sqrt(len(z1))
+    assert ((z1.mean(0) - expected).abs() < 5 * spread).all()
+    x = run.sample(8, sampler="gmm", seed=5)
+    assert x.shape == (8, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+
+
+def test_evaluate_run_without_an_evaluator_still_reports_likelihoods(tiny_run, small_mnist, monkeypatch, tmp_path):
+    import vaedraw.evaluator as evaluator_mod
+
+    monkeypatch.setattr(evaluator_mod, "BUNDLED_DIR", tmp_path)
+    res = evaluate_run(load_run(tiny_run, "cpu"), iwae_k=5, n_samples=50, data_dir=small_mnist, n_images=20)
+    assert res["quality_available"] is False and "'mnist'" in res["quality_note"]
+    assert res["samples"] is None and math.isfinite(res["iwae"]) and math.isfinite(res["elbo"])
+    assert "unavailable" in format_report(res)
+
+
+EVAL_KEYS = {"run_dir", "preset", "dataset", "step", "device", "split", "n_images", "likelihood", "protocol",
+             "elbo", "recon", "kl", "iwae", "iwae_k", "objective", "comparable", "quality_available",
+             "quality_note", "evaluator_accuracy", "fd_floor", "samples", "reconstructions", "seconds"}
+QUALITY_KEYS = {"n", "fd", "recognizable", "coverage_bits", "min_class_share", "max_class_share", "class_shares"}
+
+
+def test_vaedraw_eval_writes_the_documented_json(tiny_run, small_mnist, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(tiny_run), "--iwae-k", "20", "--n-samples", "300", "--n-images", "100",
+               "--data-dir", str(small_mnist), "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert EVAL_KEYS <= set(res)
+    assert res["iwae_k"] == 20 and res["n_images"] == 100 and res["likelihood"] == "bernoulli"
+    assert res["elbo"] < 0 and res["iwae"] < 0 and res["kl"] > 0
+    # the bound with k = 20 is above the ELBO up to Monte Carlo noise on 100 images
+    assert res["iwae"] > res["elbo"] - 2.0
+    assert res["quality_available"] is True
+    assert QUALITY_KEYS | {"sampler"} <= set(res["samples"]) and QUALITY_KEYS <= set(res["reconstructions"])
+    assert res["samples"]["sampler"] == "gmm" and res["samples"]["n"] == 300
+    assert 0 <= res["samples"]["recognizable"] <= 1 and 0 <= res["samples"]["coverage_bits"] <= math.log2(10) + 1e-9
+    assert res["fd_floor"] >= 0 and res["samples"]["fd"] > res["fd_floor"]
+    text = capsys.readouterr().out
+    assert "IWAE bound" in text and "binarized once" in text and "floor" in text
+
+
+def test_vaedraw_eval_refuses_a_missing_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
