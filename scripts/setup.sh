@@ -19,6 +19,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if [ "$want_test" = 1 ]; then
   "${pip[@]}" -e ".[test]"
+  # The browser tests drive Debian's Chromium through Playwright (never `playwright install`, which
+  # downloads its own browsers). Without root or apt-get they skip and say why.
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+    else
+      echo "setup: no /usr/bin/chromium and no root apt-get; tests/test_browser.py will skip (apt-get install chromium)" >&2
+    fi
+  fi
 else
   "${pip[@]}" -e .
 fi

@@ -1,0 +1,128 @@
+"""The explorer page in a real headless Chromium, driven by Playwright: sliders redraw the digit, a
+drawing on the canvas gets its reconstruction. Saves docs/web.png.
+
+Needs Debian's chromium (/usr/bin/chromium or $VAEDRAW_CHROMIUM; `scripts/setup.sh --test` installs it)
+and the playwright package; the browser Playwright would download is never used. The page serves the
+tiny test run, or the run directory in $VAEDRAW_BROWSER_RUN (how docs/web.png is made from a trained run).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_web import tiny_run  # noqa: F401  (the shared tiny conditional run)
+
+CHROMIUM = os.environ.get("VAEDRAW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/setup.sh --test as root, or apt-get install chromium",
+                allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, mnist_dir):  # noqa: F811
+    import uvicorn
+
+    from vaedraw.run import load_run
+    from vaedraw.web import create_app
+
+    run_dir = os.environ.get("VAEDRAW_BROWSER_RUN") or tiny_run
+    app = create_app(load_run(run_dir, device="cpu"), mnist_dir, n_map=1000)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("the explorer server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1180, "height": 900})
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(server)
+        pg.wait_for_selector("body[data-ready='1']", timeout=20_000)
+        yield pg
+        browser.close()
+        assert not errors, errors
+
+
+def _src(page, selector: str) -> str:
+    return page.eval_on_selector(selector, "el => el.getAttribute('src') || ''")
+
+
+def test_slider_redraws_the_digit(page):
+    page.wait_for_function("document.getElementById('decoded').complete")
+    before = _src(page, "#decoded")
+    assert before.startswith("data:image/png;base64,")
+    info = page.evaluate("state.info")
+    assert page.locator("#sliders input[type=range]").count() == min(info["latent_dim"], 16)
+    page.locator("#slider-0").fill("2.5")  # sets the value and fires the input event
+    page.wait_for_function("s => document.getElementById('decoded').getAttribute('src') !== s", arg=before,
+                           timeout=10_000)
+    after = _src(page, "#decoded")
+    assert after != before
+    if not info["conditional"]:
+        return
+    # a different digit for the same code is a different picture too
+    page.locator("#digit-buttons button", has_text="8").click()
+    page.wait_for_function("s => document.getElementById('decoded').getAttribute('src') !== s", arg=after,
+                           timeout=10_000)
+
+
+def test_drawing_gets_a_reconstruction(page):
+    assert _src(page, "#drawn-recon") == ""
+    box = page.locator("#pad").bounding_box()
+    x0, y0 = box["x"], box["y"]
+    page.mouse.move(x0 + 140, y0 + 40)
+    page.mouse.down()
+    for i in range(1, 21):  # a vertical stroke: a one
+        page.mouse.move(x0 + 140 + i, y0 + 40 + 10 * i)
+    page.mouse.up()
+    page.wait_for_function("document.getElementById('drawn-recon').getAttribute('src')", timeout=10_000)
+    assert _src(page, "#drawn-recon").startswith("data:image/png;base64,")
+    assert _src(page, "#drawn-input").startswith("data:image/png;base64,")
+    # the drawing is marked on the latent map
+    assert page.evaluate("state.drawnMap !== null && state.drawnMap.length === 2")
+
+
+def test_random_and_interpolation_then_screenshot(page):
+    before = _src(page, "#decoded")
+    page.click("#random")
+    page.wait_for_function("s => document.getElementById('decoded').getAttribute('src') !== s", arg=before,
+                           timeout=10_000)
+    page.click("#interp-go")
+    page.wait_for_function("document.querySelectorAll('#strip-spherical img').length === 10", timeout=10_000)
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=True, type="png"))).convert("RGB")
+    assert shot.width > 800 and np.asarray(shot).std() > 10
+    # a 256-colour palette keeps the committed picture small
+    shot.quantize(256, method=Image.Quantize.FASTOCTREE).save(SCREENSHOT, optimize=True)
