@@ -169,6 +169,15 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, keep: str | None,
             section, name = k.split(".")
             setattr(getattr(stored, section), name, getattr(getattr(cfg, section), name))
         return stored, ckpt
+    network_keys = [k for k in changed if k.startswith("model.")]
+    if keep == "new" and network_keys:
+        from dataclasses import replace
+
+        try:  # the stored weights must fit the requested network (dropout may change, sizes may not)
+            ckpt_io.model_from_checkpoint(replace(ckpt, config=cfg), ckpt_path)
+        except VaedrawError:
+            raise ConfigError(f"--resume --keep new: the stored weights do not fit the requested network "
+                              f"({', '.join(network_keys)} changed); start a new run in another --out") from None
     return cfg, ckpt
 
 
@@ -352,4 +361,5 @@ def finish_run(out: Path, model, cfg: RunConfig, train_split, dev: torch.device)
     run = load_run(out, device=str(dev))
     n = 100
     y = torch.arange(10).repeat_interleave(10) if run.conditional else None
-    plots.save_grid(run.sample(n, seed=0, y=y), out / "samples.png", nrow=10)
+    sampler = None if run.gmm is not None else "prior"  # sample.fit_gmm=false leaves no mixture to draw from
+    plots.save_grid(run.sample(n, sampler=sampler, seed=0, y=y), out / "samples.png", nrow=10)
