@@ -11,7 +11,13 @@ A run directory holds everything about one run:
 Batches are drawn by index from the whole dataset held as one uint8 tensor on the training device.
 The order is a fresh permutation per epoch, seeded by (seed, epoch), so it needs no saved state; the
 global RNG (dropout, reparameterization noise, dynamic binarization) is saved in each checkpoint, so a
-resumed run on the CPU ends with the same weights as an uninterrupted one.
+resumed run on the CPU ends with the same weights as an uninterrupted one (on the CPU's default fast path;
+torch.compile and CUDA graphs give up bitwise exactness, see docs/SPEED.md).
+
+The step itself (precision, compile, CUDA graphs, fused Adam) comes from fastpath.py. Under torchrun the
+loop is data-parallel (distributed.py): each process draws its rows of every global batch and of the
+global batch's noise, DistributedDataParallel averages the gradients, and rank 0 alone logs, shows the
+progress bar and writes the run directory.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import data as data_mod
+from . import distributed as dist_mod
+from . import fastpath
 from . import plots
 from .config import RunConfig, diff
 from .errors import ConfigError, VaedrawError
@@ -106,13 +114,18 @@ def learning_rate(step: int, cfg: RunConfig) -> float:
 
 
 def make_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.Adam:
+    """The plain optimizer of `train_step` (the training loop uses fastpath.make_optimizer)."""
     t = cfg.train
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fast)
 
 
 def train_step(model, opt, x, y, cfg: RunConfig) -> torch.Tensor:
-    """One optimizer step on a batch; returns [loss, recon, kl] detached (no host sync)."""
+    """One plain eager optimizer step on a batch; returns [loss, recon, kl] detached (no host sync).
+
+    The straightforward reference (benchmarks/speed.py measures the fast path against it); the training
+    loop runs fastpath.FastStep.
+    """
     if cfg.data.binarize == "dynamic":
         x = torch.bernoulli(x)
     logits, mu, logvar, _ = model(x, y if model.n_classes else None)
@@ -236,14 +249,26 @@ def train(cfg: RunConfig, out: str | Path, *, device: str = "auto", data_dir: st
           epochs: float | None = None, argv: list[str] | None = None) -> Path:
     """Train a VAE per `cfg` into the run directory `out` and return it. See the module docstring.
 
-    `epochs`, if given, sets cfg.train.steps to ceil(epochs * training images / batch size).
+    `epochs`, if given, sets cfg.train.steps to ceil(epochs * training images / batch size). Under torchrun
+    every process calls this; rank 0 alone writes `out`.
     """
     out = Path(out)
-    cfg, ckpt = prepare_run_dir(out, cfg, resume, keep, overrides_given)
-    dev = resolve_device(device)
-    t = cfg.train
+    ctx = dist_mod.setup(resolve_device(device))
+    try:
+        return _train(cfg, out, ctx, data_dir, resume, keep, overrides_given, progress, epochs, argv)
+    finally:
+        dist_mod.teardown(ctx)
 
-    train_split, test_split = data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress)
+
+def _train(cfg: RunConfig, out: Path, ctx: dist_mod.Context, data_dir, resume: bool, keep: str | None,
+           overrides_given: bool, progress: bool, epochs: float | None, argv: list[str] | None) -> Path:
+    cfg, ckpt = prepare_run_dir(out, cfg, resume, keep, overrides_given)
+    dist_mod.barrier(ctx)  # every process has read the directory before rank 0 writes to it
+    dev, main = ctx.device, ctx.is_main
+    t = cfg.train
+    plan = fastpath.choose_plan(t, cfg.model.arch, dev, distributed=ctx.enabled)
+
+    train_split, test_split = data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress and main)
     if epochs is not None:
         t.steps = math.ceil(epochs * len(train_split) / t.batch_size)
     images, labels = train_split.images.to(dev), train_split.labels.to(dev)
@@ -252,61 +277,70 @@ def train(cfg: RunConfig, out: str | Path, *, device: str = "auto", data_dir: st
     y_test = test_split.labels[:n_eval].to(dev)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(dev)
-    opt = make_optimizer(model, cfg, dev)
+    noise = fastpath.Noise(ctx.rank, ctx.world)
+    model = fastpath.prepare_model(build_model(cfg.model).to(dev), plan, noise)
+    opt = fastpath.make_optimizer(model, cfg, dev, plan)
     start = 0
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
+        fresh = fastpath.make_optimizer(model, cfg, dev, plan)
         opt.load_state_dict(ckpt.optim_state)
+        fastpath.restore_optimizer_flags(opt, fresh)
         _set_rng_state(ckpt.rng, dev)
         start = ckpt.step
-        _truncate_metrics(metrics_path, start)
-    ckpt_io.atomic_write_text(out / "config.json", cfg.to_json() + "\n")
-    with open(out / "command.txt", "a") as f:
-        f.write(shlex.join(argv if argv is not None else sys.argv) + "\n")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            _truncate_metrics(metrics_path, start)
+        ckpt_io.atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+        with open(out / "command.txt", "a") as f:
+            f.write(shlex.join(argv if argv is not None else sys.argv) + "\n")
+        (out / "pictures").mkdir(exist_ok=True)
 
-    batcher = Batcher(images, labels, t.batch_size, t.seed)
+    batcher = Batcher(images, labels, t.batch_size, t.seed, ctx.rank, ctx.world)
+    step_fn = fastpath.FastStep(model, opt, cfg, plan, noise, ddp=ctx.enabled)
     g_fixed = torch.Generator().manual_seed(t.seed + 1)
     zy = torch.arange(10).repeat(3) if cfg.model.n_classes else None
     monitor = Monitor(
         x=eval_inputs(test_split.images[:N_FIXED], False).to(dev), y=test_split.labels[:N_FIXED].to(dev),
         z=torch.randn(3 * N_FIXED, cfg.model.latent_dim, generator=g_fixed), zy=zy,
     )
-    (out / "pictures").mkdir(exist_ok=True)
 
     def save_checkpoint(step: int, metrics: dict) -> None:
         ckpt_io.save(out / ckpt_io.CHECKPOINT_NAME, ckpt_io.Checkpoint(
-            config=cfg, model_state=model.state_dict(), step=step, optim_state=opt.state_dict(),
-            rng=_rng_state(dev), metrics=metrics))
+            config=cfg, model_state=model.state_dict(), step=step,
+            optim_state=fastpath.optimizer_state_for_saving(opt), rng=_rng_state(dev), metrics=metrics))
 
     def log(row: dict) -> None:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    print(f"vaedraw: training preset {cfg.preset!r} ({count_parameters(model):,} parameters) on "
-          f"{train_split.name} ({len(train_split):,} images), device {dev}, steps {start}->{t.steps}",
-          file=sys.stderr)
+    if main:
+        procs = f", {ctx.world} processes" if ctx.enabled else ""
+        print(f"vaedraw: training preset {cfg.preset!r} ({count_parameters(model):,} parameters) on "
+              f"{train_split.name} ({len(train_split):,} images), device {dev}{procs}, steps {start}->{t.steps}",
+              file=sys.stderr)
+        fastpath.announce(plan, dev)
     last_metrics: dict = dict(ckpt.metrics) if ckpt else {}
     model.train()
     window = torch.zeros(3, device=dev)
     window_steps, window_t0 = 0, time.perf_counter()
-    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True,
                file=sys.stderr)
     step = start
     with _stop_on_signals() as signals:
         try:
             while step < t.steps:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(step, cfg)
                 x, y = batcher.batch(step)
-                window += train_step(model, opt, x, y, cfg)
+                window += step_fn(x, y, learning_rate(step, cfg))
                 window_steps += 1
                 step += 1
                 bar.update(1)
-                if step % t.log_every == 0 or step == t.steps:
-                    loss, recon, kl = (window / window_steps).tolist()  # the only regular host sync
+                at_log = step % t.log_every == 0 or step == t.steps
+                if at_log:
+                    # the only regular host sync (and, with several processes, the only extra collective)
+                    loss, recon, kl = dist_mod.all_mean(window / window_steps, ctx).tolist()
                     now = time.perf_counter()
                     ips = window_steps * t.batch_size / (now - window_t0)
                     if not all(math.isfinite(v) for v in (loss, recon, kl)):
@@ -316,31 +350,38 @@ def train(cfg: RunConfig, out: str | Path, *, device: str = "auto", data_dir: st
                             "learning rate too high for this model (try a smaller --lr), or bad input data")
                     row = {"step": step, "split": "train", "loss": loss, "recon": recon, "kl": kl,
                            "lr": learning_rate(step - 1, cfg), "images_per_s": ips}
-                    log(row)
-                    bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{ips:.0f}")
+                    if main:
+                        log(row)
+                        bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{ips:.0f}")
                     window.zero_()
                     window_steps, window_t0 = 0, time.perf_counter()
                     last_metrics["train"] = row
-                if step % t.eval_every == 0 or step == t.steps:
+                if main and (step % t.eval_every == 0 or step == t.steps):
                     ev = test_loss(model, x_test, y_test, cfg.model.likelihood)
                     row = {"step": step, "split": "test", **ev}
                     log(row)
                     last_metrics["test"] = row
                     bar.write(f"step {step}: test loss {ev['loss']:.3f} (recon {ev['recon']:.3f}, kl {ev['kl']:.3f})")
-                if step % t.picture_every == 0 or step == t.steps:
+                if main and (step % t.picture_every == 0 or step == t.steps):
                     plots.save_grid(monitor.picture(model), out / "pictures" / f"step_{step:07d}.png", nrow=N_FIXED)
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if main and (step % t.checkpoint_every == 0 or step == t.steps):
                     save_checkpoint(step, last_metrics)
-                if signals:
-                    save_checkpoint(step, last_metrics)
-                    name = signal.Signals(signals[0]).name
+                # one process alone may have been signalled: with several, agree at log points only (a
+                # collective per step would cost a host sync per step)
+                stop = bool(signals) if not ctx.enabled else (at_log and dist_mod.any_flag(bool(signals), ctx, dev))
+                if stop:
+                    if main:
+                        save_checkpoint(step, last_metrics)
+                    name = signal.Signals(signals[0]).name if signals else "SIGTERM"
                     raise TrainingInterrupted(
                         f"{name} received: saved a checkpoint at step {step}; continue with "
-                        f"`vaedraw train --out {out} --resume`", 128 + signals[0])
+                        f"`vaedraw train --out {out} --resume`", 128 + (signals[0] if signals else signal.SIGTERM))
         finally:
             bar.close()
 
-    finish_run(out, model, cfg, train_split, dev)
+    if main:
+        finish_run(out, model, cfg, train_split, dev)
+    dist_mod.barrier(ctx)
     return out
 
 

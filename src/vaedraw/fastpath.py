@@ -1,0 +1,346 @@
+"""The fast training step: precision, compilation, memory layout and CUDA graphs, chosen per device.
+
+`choose_plan(cfg.train, cfg.model.arch, device)` settles how a step runs; `FastStep(model, opt, cfg, plan)`
+is then called once per optimizer step:
+
+    step(x, y, lr) -> stats float32 [3] = (loss, recon, kl) on the device, detached, no host sync
+
+x: float [b, 1, 28, 28] in [0, 1] (this process's rows of the global batch), y: int64 [b] or None.
+
+What a plan can switch on (each one only where it measured faster, see AUTO):
+- bf16: torch.autocast of the forward pass; the loss, gradients and Adam stay float32.
+- compile: torch.compile of the forward pass and loss (backward through AOTAutograd).
+- channels_last: NHWC activations and conv weights (oneDNN and cuDNN prefer it).
+- conv_as_conv: the seed network's stride-1 transposed convs (about 61% of its FLOPs) as ordinary convs
+  on the same weights: convT(x, W) cropped by (1, 2) = conv(pad(x, (2, 1, 2, 1)), flip(W)^T), exactly.
+- cuda_graph: the whole step (noise, forward, backward, Adam) captured once and replayed, with static
+  input buffers, capturable Adam and the learning rate as a device tensor.
+
+Training noise (dynamic binarization, reparameterization eps, dropout masks) is drawn for the whole global
+batch on every process, each process keeping its own rows (`Noise`). N processes therefore draw exactly
+the noise one process would, and a data-parallel run follows the single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .objectives import vae_loss
+
+# What `auto` picks, by device class and architecture, with the measurement behind it
+# (benchmarks/speed.py, docs/SPEED.md; CPU: 2-core AMD EPYC with AVX512-BF16, torch 2.13, shared machine).
+AUTO: dict[tuple[str, str], dict[str, bool | str]] = {
+    # seed on CPU: fused Adam + conv_as_conv + channels-last + bf16 is the fastest eager variant measured
+    # (see SPEED.md); compile did not pay for its compile time within a run. bf16's 2,000-step test loss
+    # stayed within 1% of float32.
+    ("cpu-bf16", "seed"): {"precision": "bf16", "compile": False, "channels_last": True, "conv_as_conv": True},
+    # without AVX512-BF16 the bf16 kernels are emulated and slower: float32.
+    ("cpu", "seed"): {"precision": "fp32", "compile": False, "channels_last": True, "conv_as_conv": True},
+    # default (ConvVAE, 0.9M parameters, batch 128) on CPU: small convs, float32 channels-last wins.
+    ("cpu-bf16", "conv"): {"precision": "fp32", "compile": False, "channels_last": False, "conv_as_conv": False},
+    ("cpu", "conv"): {"precision": "fp32", "compile": False, "channels_last": False, "conv_as_conv": False},
+    # GPUs: the whole step in one CUDA graph, TF32 matmuls, bf16 autocast (per the H100 numbers in SPEED.md).
+    ("cuda", "seed"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": True,
+                       "cuda_graph": True},
+    ("cuda", "conv"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": False,
+                       "cuda_graph": True},
+}
+GRAPH_WARMUP = 3  # eager steps (on a side stream) before capture: lazy state such as Adam's moments
+
+
+@dataclass(frozen=True)
+class Plan:
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward pass)
+    compile: bool = False
+    channels_last: bool = False
+    conv_as_conv: bool = False
+    cuda_graph: bool = False
+    reason: str = ""
+
+    def describe(self) -> str:
+        on = [k for k in ("compile", "channels_last", "conv_as_conv", "cuda_graph") if getattr(self, k)]
+        return f"{self.precision}" + (f" + {' + '.join(on)}" if on else "") + (f" ({self.reason})" if self.reason else "")
+
+
+# ----------------------------------------------------------------------------- choosing
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 dot products on this CPU (AVX512-BF16 or AMX)? Linux flags; elsewhere oneDNN's own check."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def device_class(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda"
+    return "cpu-bf16" if device.type == "cpu" and cpu_has_bf16() else "cpu"
+
+
+def choose_plan(train_cfg, arch: str, device: torch.device, distributed: bool = False) -> Plan:
+    """Settle cfg.train.precision / cfg.train.compile ('auto' takes AUTO's row) into a Plan for `device`."""
+    cls = device_class(device)
+    row = dict(AUTO.get((cls, arch), {}))
+    reason = f"auto for {cls}/{arch}"
+    if train_cfg.precision != "auto":
+        row["precision"], reason = train_cfg.precision, "as asked"
+    if train_cfg.compile != "auto":
+        row["compile"] = train_cfg.compile == "on"
+        reason = "as asked"
+    if row.get("precision") == "bf16" and cls == "cpu" and train_cfg.precision == "auto":
+        row["precision"] = "fp32"
+    if device.type != "cuda":
+        row["cuda_graph"] = False
+    if row.get("compile") or distributed:
+        # torch.compile brings its own graphs; gradient all-reduce hooks run on the host between kernels.
+        row["cuda_graph"] = False
+    if arch != "seed":
+        row["conv_as_conv"] = False
+    return Plan(reason=reason, **row)
+
+
+# ----------------------------------------------------------------------------- noise
+class Noise:
+    """Training noise drawn for the global batch on every process; this process keeps rows [r*b, (r+1)*b).
+
+    Uses the global torch RNG of the device (saved in checkpoints, registered with CUDA graphs).
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def _rows(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        return t[self.rank * b:(self.rank + 1) * b] if self.world > 1 else t
+
+    def uniform_like(self, x: torch.Tensor) -> torch.Tensor:
+        """u ~ U[0, 1) with x's shape [b, ...]."""
+        return self._rows(torch.rand(self.world * x.shape[0], *x.shape[1:], device=x.device), x.shape[0])
+
+    def normal_like(self, x: torch.Tensor) -> torch.Tensor:
+        """eps ~ N(0, I) with x's shape [b, ...], float32."""
+        return self._rows(torch.randn(self.world * x.shape[0], *x.shape[1:], device=x.device), x.shape[0])
+
+
+class GlobalDropout(nn.Module):
+    """nn.Dropout whose mask comes from `Noise` (the global batch's mask, this process's rows).
+
+    Inverted dropout: keep with probability 1 - p and scale by 1 / (1 - p); identity in eval mode.
+    """
+
+    def __init__(self, p: float, noise: Noise):
+        super().__init__()
+        self.p, self.noise = p, noise
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return h
+        keep = self.noise.uniform_like(h) >= self.p
+        return h * keep.to(h.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class FlippedConvTranspose(nn.Module):
+    """A stride-1 4x4 transposed conv followed by the (1, 2) crop, as one ordinary conv on the same weights.
+
+    convT(x, W)[1:-2, 1:-2] = conv(pad(x, (2, 1, 2, 1)), W') with W' = W.transpose(0, 1).flip(2, 3). x: [B, C, H, W]
+    -> [B, C', H, W]. The parameters stay those of the wrapped ConvTranspose2d (same state_dict entries).
+    """
+
+    def __init__(self, convt: nn.ConvTranspose2d):
+        super().__init__()
+        self.weight, self.bias = convt.weight, convt.bias
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.weight.transpose(0, 1).flip(2, 3)
+        if h.is_contiguous(memory_format=torch.channels_last):
+            w = w.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(F.pad(h, (2, 1, 2, 1)), w, self.bias)
+
+
+def prepare_model(model: nn.Module, plan: Plan, noise: Noise) -> nn.Module:
+    """Rewire `model` in place for the plan; parameter names and values are unchanged, so state_dicts and
+    checkpoints are exactly those of the plain model. Returns the model."""
+    from .models import SameCrop
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, GlobalDropout(child.p, noise))
+        if plan.conv_as_conv and isinstance(module, nn.Sequential):
+            kids = list(module)
+            for i in range(len(kids) - 1):
+                c = kids[i]
+                if (isinstance(c, nn.ConvTranspose2d) and c.stride == (1, 1) and c.padding == (0, 0)
+                        and c.kernel_size == (4, 4) and isinstance(kids[i + 1], SameCrop)):
+                    # the parameters keep their names: index i holds the conv's weight and bias still
+                    module[i] = FlippedConvTranspose(c)
+                    module[i + 1] = nn.Identity()
+    if plan.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ----------------------------------------------------------------------------- the step
+class Objective(nn.Module):
+    """forward(x, y) -> stack(loss, recon, kl): float32 [3]; the module DDP wraps (its parameters are the
+    model's). Estimator: one reparameterized z per image, analytic KL (objectives.vae_loss)."""
+
+    def __init__(self, model: nn.Module, likelihood: str, binarize: bool, plan: Plan, noise: Noise):
+        super().__init__()
+        self.model, self.likelihood, self.binarize, self.plan, self.noise = model, likelihood, binarize, plan, noise
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.binarize:  # dynamic binarization x ~ Bernoulli(pixel)
+            x = (self.noise.uniform_like(x) < x).to(x.dtype)
+        if self.plan.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y if self.model.n_classes else None
+        with autocast(x.device, self.plan):
+            mu, logvar = self.model.encode(x, y)
+            mu, logvar = mu.float(), logvar.float()
+            z = mu + torch.exp(0.5 * logvar) * self.noise.normal_like(mu)  # Kingma & Welling 2014, eq. 10
+            logits = self.model.decode(z, y)
+        loss, recon, kl = vae_loss(x, logits.float(), mu, logvar, self.likelihood)
+        return torch.stack([loss, recon, kl])
+
+
+def autocast(device: torch.device, plan: Plan):
+    if plan.precision != "bf16":
+        return contextlib.nullcontext()
+    # no weight-cast cache: inside a CUDA graph a cache would hold casts of stale weights
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def make_optimizer(model: nn.Module, cfg, device: torch.device, plan: Plan) -> torch.optim.Adam:
+    """Adam with a fused kernel (CUDA, and CPU: one pass over the 10M parameters instead of ~10), capturable
+    with a device-tensor learning rate when the step is a CUDA graph."""
+    t = cfg.train
+    kw: dict = {"fused": True}
+    lr: float | torch.Tensor = t.lr
+    if plan.cuda_graph:
+        kw["capturable"] = True
+        lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(t.beta1, t.beta2), eps=t.eps, **kw)
+
+
+def restore_optimizer_flags(opt: torch.optim.Adam, like: torch.optim.Adam) -> None:
+    """After load_state_dict: keep this process's kernel flags and lr type (a checkpoint may come from
+    another device)."""
+    for g, ref in zip(opt.param_groups, like.param_groups):
+        for key in ("fused", "foreach", "capturable", "differentiable"):
+            if key in ref:
+                g[key] = ref[key]
+        if torch.is_tensor(ref["lr"]) and not torch.is_tensor(g["lr"]):
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=ref["lr"].device)
+
+
+def optimizer_state_for_saving(opt: torch.optim.Adam) -> dict:
+    """opt.state_dict() with a tensor learning rate as a float (checkpoints keep hyperparameters as JSON)."""
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        if torch.is_tensor(g["lr"]):
+            g["lr"] = float(g["lr"])
+    return state
+
+
+class FastStep:
+    """One optimizer step per call, as the plan says. See the module docstring for shapes.
+
+    `ddp`: wrap the objective in DistributedDataParallel (gradients averaged over processes).
+    With a CUDA graph, the returned stats tensor is a static buffer overwritten by the next call: read or
+    accumulate it before calling again (the stream orders this).
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Adam, cfg, plan: Plan, noise: Noise | None = None,
+                 ddp: bool = False):
+        self.model, self.opt, self.plan = model, opt, plan
+        self.noise = noise or Noise()
+        objective: nn.Module = Objective(model, cfg.model.likelihood, cfg.data.binarize == "dynamic", plan, self.noise)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            dev = next(model.parameters()).device
+            objective = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
+                            broadcast_buffers=False, gradient_as_bucket_view=True)
+        self.objective = objective
+        self.forward = torch.compile(objective) if plan.compile else objective
+        self.compile_s: float | None = None  # seconds spent in the first (compiling) call
+        self._lr: float | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._calls = 0
+
+    def set_lr(self, lr: float) -> None:
+        if lr == self._lr:
+            return
+        for g in self.opt.param_groups:
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(lr)  # in place: the captured graph reads this tensor
+            else:
+                g["lr"] = lr
+        self._lr = lr
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        stats = self.forward(x, y)
+        stats[0].backward()
+        self.opt.step()
+        return stats.detach()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
+        self.set_lr(lr)
+        self._calls += 1
+        if self.plan.cuda_graph:
+            return self._graphed(x, y)
+        if self.plan.compile and self.compile_s is None:
+            t0 = time.perf_counter()
+            out = self._eager(x, y)
+            out.sum().item()  # one sync, once: the compile time is the wall time of the first call
+            self.compile_s = time.perf_counter() - t0
+            return out
+        return self._eager(x, y)
+
+    def _graphed(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self._graph is None and self._calls <= GRAPH_WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._eager(x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self._graph is None:
+            self._x = x.clone()
+            self._y = None if y is None else y.clone()
+            self.opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            self._graph = torch.cuda.CUDAGraph()
+            # torch.cuda.graph registers the default CUDA generator: every replay advances its philox offset,
+            # so bernoulli/dropout/eps draw fresh noise at each step (benchmarks/gpu_check.py verifies this).
+            with torch.cuda.graph(self._graph):
+                self._out = self._eager(self._x, self._y)
+        else:
+            self._x.copy_(x)
+            if y is not None:
+                self._y.copy_(y)
+        self._graph.replay()
+        return self._out
+
+
+def announce(plan: Plan, device: torch.device, file=sys.stderr) -> None:
+    print(f"vaedraw: fast path on {device}: {plan.describe()}", file=file)
+
+
+def with_overrides(plan: Plan, **kw) -> Plan:
+    return replace(plan, **kw)

@@ -1,0 +1,71 @@
+"""Data-parallel training: 2 CPU processes (gloo on 127.0.0.1) follow the single-process run.
+
+The real training path is used, dropout and dynamic binarization included: every process draws the
+global batch's noise and keeps its rows (fastpath.Noise), so the two processes together see exactly the
+batches and the noise of one process; only the order of floating-point sums differs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from vaedraw import distributed
+from vaedraw.checkpoint import load as load_checkpoint
+from vaedraw.config import apply_overrides, preset
+from vaedraw.train import Batcher, train
+
+SETS = {"model.channels": 4, "model.hidden": 16, "model.latent_dim": 4, "model.dropout": 0.2,
+        "train.steps": 4, "train.batch_size": 32, "train.log_every": 2, "train.eval_every": 1000,
+        "train.picture_every": 1000, "train.checkpoint_every": 1000, "train.eval_images": 100,
+        "sample.fit_gmm": False, "sample.sampler": "prior"}
+
+
+def test_two_processes_match_one(mnist_dir, tmp_path):
+    env = {**os.environ, "VAEDRAW_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--device", "cpu", "--data-dir", str(mnist_dir), "--no-progress",
+            *[a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]]
+    two = tmp_path / "two"
+    proc = subprocess.run(distributed.torchrun_command(2, [*args, "--out", str(two)]), env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stderr
+
+    cfg = preset("default")
+    apply_overrides(cfg, SETS)
+    one = train(cfg, tmp_path / "one", device="cpu", data_dir=mnist_dir, progress=False, argv=["t"])
+    a = load_checkpoint(one / "checkpoint.safetensors")
+    b = load_checkpoint(two / "checkpoint.safetensors")
+    assert a.step == b.step == 4
+    moved = 0
+    for k, v in a.model_state.items():
+        torch.testing.assert_close(b.model_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        moved += int(not torch.equal(v, torch.zeros_like(v)))
+    assert moved > 0
+    # rank 0 alone wrote the run: one metrics line per log point, not one per process
+    rows = (two / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in rows if '"train"' in r]) == 2
+
+
+def test_batcher_ranks_split_every_global_batch():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1).expand(40, 28, 28).contiguous()
+    labels = torch.arange(40)
+    whole = Batcher(images, labels, 8, seed=3)
+    parts = [Batcher(images, labels, 8, seed=3, rank=r, world=2) for r in range(2)]
+    for step in (0, 4, 5, 11):
+        assert torch.equal(torch.cat([p.indices(step) for p in parts]), whole.indices(step))
+
+
+def test_single_process_context_without_torchrun(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = distributed.setup(torch.device("cpu"))
+    assert not ctx.enabled and ctx.is_main and ctx.world == 1
+    t = torch.tensor([2.0, 4.0])
+    assert torch.equal(distributed.all_mean(t.clone(), ctx), t)
+    cmd = distributed.torchrun_command(3, ["train", "--steps", "2"])
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[-3:] == ["train", "--steps", "2"]
+    assert sys.executable == cmd[0]
