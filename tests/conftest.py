@@ -27,13 +27,16 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """Tests run tiny models, for which a second intra-op thread only adds contention on shared cores."""
+def _one_thread():
+    """Tests run tiny models and small fits, for which more threads (torch's, BLAS's) only add contention
+    on shared cores: several times slower when the cores are busy."""
     import torch
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1):
+        yield
     torch.set_num_threads(before)
 
 
