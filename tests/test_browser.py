@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_web import tiny_run  # noqa: F401  (the shared tiny conditional run)
+from test_web import tiny_conditional_run  # noqa: F401  (the shared tiny conditional run)
 
 CHROMIUM = os.environ.get("VAEDRAW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web.png"
@@ -40,13 +40,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, mnist_dir):  # noqa: F811
+def server(tiny_conditional_run, mnist_dir):  # noqa: F811
     import uvicorn
 
     from vaedraw.run import load_run
     from vaedraw.web import create_app
 
-    run_dir = os.environ.get("VAEDRAW_BROWSER_RUN") or tiny_run
+    run_dir = os.environ.get("VAEDRAW_BROWSER_RUN") or tiny_conditional_run
     app = create_app(load_run(run_dir, device="cpu"), mnist_dir, n_map=1000)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

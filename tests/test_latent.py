@@ -16,7 +16,7 @@ from vaedraw.errors import VaedrawError
 from vaedraw.models import build_model
 from vaedraw.run import Run
 
-from test_web import tiny_run  # noqa: F401  (the shared tiny conditional run)
+from test_web import tiny_conditional_run  # noqa: F401  (the shared tiny conditional run)
 
 
 def _run(latent_dim: int, n_classes: int = 0) -> Run:
@@ -146,22 +146,22 @@ def test_mnist_like_scales_and_centres_the_ink():
 
 
 # ----------------------------------------------------------------------------- the CLI on a real run
-def test_cli_pictures(tiny_run, mnist_dir, tmp_path):
-    d = ["--data-dir", str(mnist_dir)]
+def test_cli_pictures(tiny_conditional_run, mnist_dir, tmp_path):
+    run, d = str(tiny_conditional_run), ["--data-dir", str(mnist_dir)]
     out = tmp_path / "interp.png"
     gif = tmp_path / "interp.gif"
-    assert main(["interpolate", str(tiny_run), "--from-digit", "1", "--to-digit", "7", "--steps", "6",
+    assert main(["interpolate", run, "--from-digit", "1", "--to-digit", "7", "--steps", "6",
                  "--out", str(out), "--gif", str(gif), *d]) == 0
     assert Image.open(out).size == ((6 * 30 + 2) * 2, (2 * 30 + 2) * 2)  # 2 rows of 6, 28 px + 2 px gaps, x2
     assert Image.open(gif).n_frames == 10
-    assert main(["interpolate", str(tiny_run), "--from-index", "0", "--to-index", "5", "--out", str(out), *d]) == 0
-    assert main(["interpolate", str(tiny_run), "--from-index", "0", "--to-index", "99999", *d]) == 2
+    assert main(["interpolate", run, "--from-index", "0", "--to-index", "5", "--out", str(out), *d]) == 0
+    assert main(["interpolate", run, "--from-index", "0", "--to-index", "99999", *d]) == 2
 
     m = tmp_path / "map.png"
-    assert main(["latent-map", str(tiny_run), "-n", "300", "--out", str(m), *d]) == 0
+    assert main(["latent-map", run, "-n", "300", "--out", str(m), *d]) == 0
     assert Image.open(m).size[0] > 300
 
     g = tmp_path / "manifold.png"
-    assert main(["manifold", str(tiny_run), "--grid", "6", "--digit", "4", "--out", str(g), *d]) == 0
+    assert main(["manifold", run, "--grid", "6", "--digit", "4", "--out", str(g), *d]) == 0
     img = np.asarray(Image.open(g))
     assert img.shape == (6 * 28, 6 * 28) and img.std() > 0

@@ -162,9 +162,9 @@ class Projection:
         try:
             import umap
         except ImportError:
-            raise VaedrawError("--method umap needs the umap-learn package (`pip install umap-learn`); "
+            raise VaedrawError("--method umap needs the umap-learn package (pip install 'vaedraw[umap]'); "
                                "use --method pca or tsne") from None
-        return cls("umap", umap.UMAP(n_components=2, random_state=seed).fit_transform(z))
+        return cls("umap", umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(z))
 
     @property
     def linear(self) -> bool:
