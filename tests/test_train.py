@@ -83,7 +83,9 @@ def test_a_tiny_run_writes_its_directory(tiny_run, mnist_dir):
     assert (cfg.model.channels, cfg.model.hidden, cfg.sample.gmm_components) == (8, 32, 5)
     ckpt = ckpt_io.load(tiny_run / ckpt_io.CHECKPOINT_NAME)
     assert ckpt.config == cfg and ckpt.step == 6
-    assert "train" in (tiny_run / "command.txt").read_text()
+    command = (tiny_run / "command.txt").read_text().splitlines()
+    assert len(command) == 1 and command[0].startswith(f"vaedraw train --out {tiny_run} ")
+    assert "--steps 6 --seed 7" in command[0]
 
     rows = read_metrics(tiny_run / "metrics.jsonl")
     train_rows = [r for r in rows if r["split"] == "train"]

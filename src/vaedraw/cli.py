@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
     out = Path(args.out or f"runs/{cfg.preset}")
     run_dir = train(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume, keep=args.keep,
                     overrides_given=given, progress=not args.no_progress, epochs=args.epochs,
-                    argv=["vaedraw", *sys.argv[1:]])
+                    argv=["vaedraw", *getattr(args, "argv", sys.argv[1:])])
     print(f"vaedraw: run written to {run_dir} (samples.png, curves.png, progress.gif, checkpoint.safetensors)")
     return 0
 
@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given, for command.txt
     try:
         return args.func(args)
     except VaedrawError as e:
