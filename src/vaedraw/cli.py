@@ -7,6 +7,7 @@ status 2; an interrupted training run exits with 128 + the signal number after s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def add_train(sub) -> None:
     p.add_argument("--keep", choices=("stored", "new"),
                    help="on --resume with a differing config: which config to keep")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=_positive_int,
+                   help="data-parallel processes on this machine (starts torchrun; one per GPU, or gloo on CPUs)")
     p.set_defaults(func=cmd_train)
 
 
@@ -102,7 +105,18 @@ def train_overrides(args) -> dict[str, object]:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .train import train
+
+    if args.nproc and args.nproc > 1 and not distributed.launched_by_torchrun():
+        import subprocess
+
+        argv = sys.argv[1:]
+        i = next((i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc=")), None)
+        if i is None:
+            raise VaedrawError("spell the option out as --nproc N")
+        del argv[i:i + (1 if "=" in argv[i] else 2)]
+        return subprocess.call(distributed.torchrun_command(args.nproc, argv))
 
     overrides = train_overrides(args)
     cfg = build_config(args.preset or "default", args.config, overrides)
@@ -111,6 +125,8 @@ def cmd_train(args) -> int:
     run_dir = train(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume, keep=args.keep,
                     overrides_given=given, progress=not args.no_progress, epochs=args.epochs,
                     argv=["vaedraw", *getattr(args, "argv", sys.argv[1:])])
+    if distributed.launched_by_torchrun() and os.environ.get("RANK") != "0":
+        return 0  # rank 0 speaks for the run
     print(f"vaedraw: run written to {run_dir} (samples.png, curves.png, progress.gif, checkpoint.safetensors)")
     return 0
 

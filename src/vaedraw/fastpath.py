@@ -274,7 +274,7 @@ class FastStep:
 
             dev = next(model.parameters()).device
             objective = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
-                            broadcast_buffers=False, gradient_as_bucket_view=True)
+                            gradient_as_bucket_view=True)
         self.objective = objective
         self.forward = torch.compile(objective) if plan.compile else objective
         self.compile_s: float | None = None  # seconds spent in the first (compiling) call
