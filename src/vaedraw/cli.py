@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
     if args.nproc and args.nproc > 1 and not distributed.launched_by_torchrun():
         import subprocess
 
-        argv = sys.argv[1:]
+        argv = list(getattr(args, "argv", sys.argv[1:]))
         i = next((i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc=")), None)
         if i is None:
             raise VaedrawError("spell the option out as --nproc N")
