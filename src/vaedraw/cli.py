@@ -106,6 +106,8 @@ def train_overrides(args) -> dict[str, object]:
 
 def cmd_train(args) -> int:
     from . import distributed
+    from .checkpoint import CHECKPOINT_NAME, read_header
+    from .config import RunConfig, apply_overrides
     from .train import train
 
     if args.nproc and args.nproc > 1 and not distributed.launched_by_torchrun():
@@ -122,6 +124,10 @@ def cmd_train(args) -> int:
     cfg = build_config(args.preset or "default", args.config, overrides)
     given = bool(overrides or args.config or args.preset or args.epochs)
     out = Path(args.out or f"runs/{cfg.preset}")
+    if args.resume and not (args.preset or args.config) and (out / CHECKPOINT_NAME).is_file():
+        # `--resume --steps N` asks for more steps, not for the preset's defaults: apply the named
+        # changes to the stored config, so only they can disagree with it
+        cfg = apply_overrides(RunConfig.from_dict(read_header(out / CHECKPOINT_NAME)["config"]), overrides)
     run_dir = train(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume, keep=args.keep,
                     overrides_given=given, progress=not args.no_progress, epochs=args.epochs,
                     argv=["vaedraw", *getattr(args, "argv", sys.argv[1:])])

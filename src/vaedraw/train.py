@@ -23,6 +23,7 @@ progress bar and writes the run directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import shlex
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
@@ -53,6 +55,8 @@ RESUME_FREE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train
                     "train.checkpoint_every", "train.eval_images", "sample.gmm_components", "sample.fit_gmm",
                     "sample.sampler", "sample.temperature", "train.compile", "train.precision"}
 N_FIXED = 10  # fixed test inputs (and codes per row) in the monitoring picture
+# A write to the run directory that fails with one of these is the user's to fix (space, permissions), not a bug.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class TrainingInterrupted(VaedrawError):
@@ -161,14 +165,20 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, keep: str | None,
     ckpt_path = out / ckpt_io.CHECKPOINT_NAME
     has_run = ckpt_path.exists() or (out / "config.json").exists()
     if not resume:
+        if has_run and not ckpt_path.exists():  # stopped before its first checkpoint: nothing to continue
+            raise VaedrawError(f"{out} holds a run that stopped before its first checkpoint; delete it or choose "
+                               "another --out")
         if has_run:
             raise VaedrawError(f"{out} already holds a run; continue it with --resume, or choose another --out")
         if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
             raise VaedrawError(f"{out} exists and is not empty; choose a new or empty --out directory")
         return cfg, None
     if not ckpt_path.exists():
-        raise VaedrawError(f"--resume: {out} holds no checkpoint to resume; start a new run without --resume")
+        hint = ("it stopped before its first checkpoint: delete it or choose another --out" if has_run
+                else "start a new run without --resume")
+        raise VaedrawError(f"--resume: {out} holds no checkpoint to resume; {hint}")
     ckpt = ckpt_io.load(ckpt_path)
+    ckpt_io.model_from_checkpoint(ckpt, ckpt_path)  # tampered config or weights: refused here, not mid-load
     stored = ckpt.config
     if not overrides_given:
         return stored, ckpt
@@ -256,6 +266,13 @@ def train(cfg: RunConfig, out: str | Path, *, device: str = "auto", data_dir: st
     ctx = dist_mod.setup(resolve_device(device))
     try:
         return _train(cfg, out, ctx, data_dir, resume, keep, overrides_given, progress, epochs, argv)
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise VaedrawError(f"cannot write to the run directory {out}: {e.strerror}{where}; free some space or fix "
+                           f"its permissions, then continue with `vaedraw train --out {out} --resume` (the last "
+                           "checkpoint written there is intact)") from e
     finally:
         dist_mod.teardown(ctx)
 
@@ -291,6 +308,8 @@ def _train(cfg: RunConfig, out: Path, ctx: dist_mod.Context, data_dir, resume: b
         start = ckpt.step
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in (*out.glob(".*.tmp"), *out.glob("pictures/.*.tmp")):  # a process killed mid-write left it
+            stale.unlink(missing_ok=True)
         if ckpt is not None:
             _truncate_metrics(metrics_path, start)
         ckpt_io.atomic_write_text(out / "config.json", cfg.to_json() + "\n")
@@ -307,10 +326,38 @@ def _train(cfg: RunConfig, out: Path, ctx: dist_mod.Context, data_dir, resume: b
         z=torch.randn(3 * N_FIXED, cfg.model.latent_dim, generator=g_fixed), zy=zy,
     )
 
+    saved_step = start if ckpt is not None else None  # the step the checkpoint on disk holds
+
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        path = out / ckpt_io.CHECKPOINT_NAME
+        if saved_step is None:
+            kept = f"no checkpoint had been saved yet: delete {out} or choose another --out, and start again"
+        else:
+            kept = (f"stopped without saving, so {path} still holds the last good state (step {saved_step}); "
+                    f"continue from it with `vaedraw train --out {out} --resume --keep new --lr SMALLER`")
+        return TrainingDiverged(f"{what} near step {step}; {kept}. Likely causes: a learning rate too high for "
+                                "this model (try a smaller --lr), or bad input data")
+
     def save_checkpoint(step: int, metrics: dict) -> None:
-        ckpt_io.save(out / ckpt_io.CHECKPOINT_NAME, ckpt_io.Checkpoint(
-            config=cfg, model_state=model.state_dict(), step=step,
-            optim_state=fastpath.optimizer_state_for_saving(opt), rng=_rng_state(dev), metrics=metrics))
+        nonlocal saved_step
+        # The loss is checked at log points only: never let a non-finite state since then replace the
+        # last good checkpoint. Weights can be finite yet overflow the forward pass (after a huge step),
+        # so the loss of a few fixed test images is checked too (one host sync per checkpoint).
+        finite = torch.stack([torch.isfinite(window).all(), *(torch.isfinite(p).all() for p in model.parameters())])
+        probe = test_loss(model, x_test[:N_FIXED], y_test[:N_FIXED], cfg.model.likelihood)["loss"]
+        if not (bool(finite.all()) and math.isfinite(probe)):
+            raise diverged(step, "the training loss or the weights became non-finite")
+        path = out / ckpt_io.CHECKPOINT_NAME
+        try:
+            ckpt_io.save(path, ckpt_io.Checkpoint(
+                config=cfg, model_state=model.state_dict(), step=step,
+                optim_state=fastpath.optimizer_state_for_saving(opt), rng=_rng_state(dev), metrics=metrics))
+        except SafetensorError as e:  # safetensors reports its own write failures (a full disk) this way
+            kept = "no checkpoint had been saved yet" if saved_step is None else \
+                f"the checkpoint of step {saved_step} is intact"
+            raise VaedrawError(f"could not write {path} ({e}); {kept}: free some space or fix the folder's "
+                               f"permissions, then continue with `vaedraw train --out {out} --resume`") from None
+        saved_step = step
 
     def log(row: dict) -> None:
         with open(metrics_path, "a") as f:
@@ -344,10 +391,7 @@ def _train(cfg: RunConfig, out: Path, ctx: dist_mod.Context, data_dir, resume: b
                     now = time.perf_counter()
                     ips = window_steps * t.batch_size / (now - window_t0)
                     if not all(math.isfinite(v) for v in (loss, recon, kl)):
-                        raise TrainingDiverged(
-                            f"the training loss became {loss} near step {step}; stopped without saving, so "
-                            f"{out / ckpt_io.CHECKPOINT_NAME} still holds the last good state. Likely causes: a "
-                            "learning rate too high for this model (try a smaller --lr), or bad input data")
+                        raise diverged(step, f"the training loss became {loss}")
                     row = {"step": step, "split": "train", "loss": loss, "recon": recon, "kl": kl,
                            "lr": learning_rate(step - 1, cfg), "images_per_s": ips}
                     if main:
