@@ -335,7 +335,7 @@ def _step_on_disk(out: Path) -> int:
     return ckpt_io.read_header(path)["step"] if path.exists() else 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_saves_a_checkpoint_exits_128_plus_n_and_says_how_to_resume(signum, small_mnist, tmp_path,
                                                                                capsys):
     out = tmp_path / "run"
@@ -423,7 +423,8 @@ def _damage(run: Path, how: str, tmp: Path) -> Path:
 @pytest.mark.parametrize("how, words", [
     ("truncated", "truncated or corrupted"), ("bit-flipped header", "checkpoint"), ("newer format", "upgrade vaedraw"),
     ("tampered shapes", "do not match"), ("garbage mixture", "vaedraw fit-gmm"),
-])
+], ids=lambda v: v if v in ("truncated", "bit-flipped header", "newer format", "tampered shapes",
+                            "garbage mixture") else "")
 def test_a_damaged_run_directory_is_one_line_and_nothing_is_written(how, words, tiny_run, tmp_path, capsys):
     bad = _damage(tiny_run, how, tmp_path)
     before = {p: p.read_bytes() for p in bad.rglob("*") if p.is_file()}
@@ -457,7 +458,8 @@ def test_a_damaged_run_directory_is_one_line_and_nothing_is_written(how, words, 
     (["interpolate", "{run}", "--from-index", "-1", "--to-index", "3"], ["out of range"]),
     (["eval", "{run}", "--iwae-k", "0"], ["--iwae-k"]),
     (["serve", "{run}", "--port", "70000"], ["--port", "65535"]),
-])
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0] in ("train", "sample", "manifold", "interpolate",
+                                                                           "eval", "serve") else "")
 def test_more_bad_options_are_one_line_and_exit_status_2(argv, words, tiny_run, tmp_path, mnist_dir, capsys):
     argv = [str(tiny_run) if a == "{run}" else a for a in argv]
     picture, data_dir = ["--out", tmp_path / "x.png"], ["--data-dir", mnist_dir]
@@ -531,7 +533,8 @@ def client(tiny_conditional_run, mnist_dir):
     (b'{"z": [0, 0, 0, 0], "digit": 1e400}', "digit"),
     (b'{"z": "0000", "digit": 1}', "z"),
     (b'{"z": {"0": 0}, "digit": 1}', "z"),
-])
+], ids=["deep nesting", "5000-digit integer", "float overflow", "lone surrogate", "digit 1e400", "z a string",
+        "z an object"])
 def test_hostile_json_is_a_4xx_with_a_message(client, body, words):
     r = client.post("/api/decode", content=body, headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500, r.text
