@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vaedraw import build_config
+from vaedraw.config import parse_set
 from vaedraw.checkpoint import CHECKPOINT_NAME
 from vaedraw.evaluate import evaluate_run, quality_figures
 from vaedraw.run import load_run, resolve_device
@@ -49,10 +50,13 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
-def ensure_run(name: str, run_dir: Path, device: str, data_dir: str | None) -> float | None:
-    """Train the row's run into run_dir unless a finished one is there. Returns training seconds (None if reused)."""
+def ensure_run(name: str, run_dir: Path, device: str, data_dir: str | None, extra: dict) -> float | None:
+    """Train the row's run into run_dir unless a finished one is there. Returns training seconds (None if reused).
+
+    `extra` overrides go after the row's own (for a quick smoke test of this script).
+    """
     preset, overrides, _ = ROWS[name]
-    cfg = build_config(preset, overrides=overrides)
+    cfg = build_config(preset, overrides={**overrides, **extra})
     if (run_dir / CHECKPOINT_NAME).exists() and (run_dir / "samples.png").exists():
         return None
     from vaedraw.train import train
@@ -94,6 +98,9 @@ def gmm_sweep(run_dir: Path, ks: list[int], device: str, data_dir: str | None, n
                           run.config.train.seed, scratch)
         fit_s = time.perf_counter() - t0
         q = quality_figures(run, n_samples=n_samples, sampler="gmm", data_dir=data_dir)
+        if not q["quality_available"]:
+            print(f"gmm sweep skipped: {q['quality_note']}", file=sys.stderr)
+            break
         s = q["samples"]
         out.append({"k": k, "fd": s["fd"], "recognizable": s["recognizable"], "coverage_bits": s["coverage_bits"],
                     "fit_seconds": fit_s, "fd_floor": q["fd_floor"]})
@@ -102,6 +109,10 @@ def gmm_sweep(run_dir: Path, ks: list[int], device: str, data_dir: str | None, n
     scratch.unlink(missing_ok=True)
     run.gmm = GaussianMixture.load(run_dir / "gmm.safetensors") if (run_dir / "gmm.safetensors").exists() else None
     return out
+
+
+def _f(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
 
 
 def table(rows: list[dict], sweep: list[dict], command: str) -> str:
@@ -117,12 +128,11 @@ def table(rows: list[dict], sweep: list[dict], command: str) -> str:
     for r in rows:
         s = r["samples"] or {}
         wall = f"{r['train_seconds'] / 60:.1f} min" if r.get("train_seconds") else "-"
-        fd = f"{s['fd']:.2f}" if s else "n/a"
         lines.append(
-            f"| {r['preset']}{' (long)' if r['row'] == 'default-long' else ''} | {s.get('sampler', '-')} "
+            f"| {r['preset']}{' (long)' if r['row'] == 'default-long' else ''} | {r['sampler']} "
             f"| {r['step']:,} | {wall} | {r['device_name']} | {r['elbo']:.2f} | {r['iwae']:.2f} (k={r['iwae_k']}) "
-            f"| {fd} | {r['fd_floor']:.2f} | {s.get('recognizable', float('nan')):.3f} "
-            f"| {s.get('coverage_bits', float('nan')):.3f} |")
+            f"| {_f(s.get('fd'))} | {_f(r['fd_floor'])} | {_f(s.get('recognizable'), '.3f')} "
+            f"| {_f(s.get('coverage_bits'), '.3f')} |")
     if sweep:
         lines += ["", "Mixture size for the gmm sampler (default preset at its default budget, 10,000 samples):", "",
                   "| K | FD | recognizable | coverage (bits) | fit time |", "|---:|---:|---:|---:|---:|"]
@@ -152,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=10000)
     p.add_argument("--n-images", type=int, help="test images for the likelihood (default all)")
     p.add_argument("--gmm-sweep", default="", help="comma list of mixture sizes to try on the default run")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="config override for every row (smoke tests only: the table's budgets assume none)")
     p.add_argument("--json", help="also write every figure here")
     p.add_argument("--results", default=str(RESULTS), help="markdown file to update (default docs/RESULTS.md)")
     args = p.parse_args(argv)
@@ -162,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    rows = []
+    rows: list[dict] = []
+    sweep: list[dict] = []
     for name in names:
         run_dir = runs_dir / name
-        took = ensure_run(name, run_dir, str(dev), args.data_dir)
+        took = ensure_run(name, run_dir, str(dev), args.data_dir, parse_set(args.set))
         print(f"{name}: {'trained in %.0f s' % took if took else 'reused'} ({run_dir})", file=sys.stderr)
         run = load_run(run_dir, str(dev))
         base = None
@@ -175,24 +188,24 @@ def main(argv: list[str] | None = None) -> int:
                                     data_dir=args.data_dir, n_images=args.n_images)
                 r = base
             else:
-                r = {**base, **quality_figures(run, n_samples=args.n_samples, sampler=sampler, data_dir=args.data_dir)}
-            r.update(row=name, device_name=device_name(dev), train_seconds=training_seconds(run_dir))
+                q = quality_figures(run, n_samples=args.n_samples, sampler=sampler, data_dir=args.data_dir)
+                r = {**base, **q, "seconds": {**base["seconds"], **q.get("seconds", {})}}
+            r.update(row=name, sampler=sampler, device_name=device_name(dev), train_seconds=training_seconds(run_dir))
             rows.append(r)
             s = r["samples"] or {}
             print(f"{name} [{sampler}]: ELBO {r['elbo']:.2f}, IWAE(k={r['iwae_k']}) {r['iwae']:.2f} "
-                  f"({r['seconds']['iwae']:.0f} s), FD {s.get('fd', float('nan')):.2f} (floor {r['fd_floor']:.2f}), "
-                  f"recognizable {s.get('recognizable', float('nan')):.3f}, "
-                  f"coverage {s.get('coverage_bits', float('nan')):.3f}", file=sys.stderr)
-    sweep = []
-    if args.gmm_sweep:
-        ks = [int(k) for k in args.gmm_sweep.split(",")]
-        sweep = gmm_sweep(runs_dir / "default", ks, str(dev), args.data_dir, args.n_samples)
+                  f"({r['seconds']['iwae']:.0f} s), FD {_f(s.get('fd'))} (floor {_f(r['fd_floor'])}), "
+                  f"recognizable {_f(s.get('recognizable'), '.3f')}, coverage {_f(s.get('coverage_bits'), '.3f')}",
+                  file=sys.stderr)
+        if name == "default" and args.gmm_sweep:
+            ks = [int(k) for k in args.gmm_sweep.split(",")]
+            sweep = gmm_sweep(run_dir, ks, str(dev), args.data_dir, args.n_samples)
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps({"rows": rows, "gmm_sweep": sweep}, indent=2) + "\n")
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, sweep, command.strip())
     print(text)
     write_results(text, Path(args.results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "gmm_sweep": sweep}, indent=2) + "\n")
     return 0
 
 
