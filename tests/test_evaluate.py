@@ -207,3 +207,16 @@ def test_vaedraw_eval_writes_the_documented_json(tiny_run, small_mnist, tmp_path
 def test_vaedraw_eval_refuses_a_missing_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_conditional_run_reports_label_accuracy_per_requested_digit(small_mnist, tmp_path):
+    from vaedraw.train import train
+
+    out = train(build_config("conditional", overrides={**TINY, "sample.fit_gmm": False, "sample.sampler": "prior"}),
+                tmp_path / "cond", device="cpu", data_dir=small_mnist, progress=False, argv=["test"])
+    res = evaluate_run(load_run(out, "cpu"), iwae_k=4, n_samples=200, data_dir=small_mnist, n_images=30)
+    acc = res["samples"]["label_accuracy"]
+    assert set(acc) == {str(d) for d in range(10)} and all(0 <= v <= 1 for v in acc.values())
+    assert res["samples"]["label_accuracy_mean"] == pytest.approx(sum(acc.values()) / 10)  # 20 per digit
+    assert "label_accuracy" in res["reconstructions"]
+    assert "label accuracy per requested digit" in format_report(res)
