@@ -73,18 +73,18 @@ def test_the_idx_parser_only_ever_raises_data_error(tmp_path_factory, raw):
 
 
 @pytest.fixture(scope="module")
-def checkpoint_bytes(tmp_path_factory) -> bytes:
+def checkpoint_file(tmp_path_factory) -> Path:
     cfg = build_config("default", overrides={"model.channels": "4", "model.hidden": "16", "model.latent_dim": "2"})
     path = tmp_path_factory.mktemp("ckpt") / ckpt_io.CHECKPOINT_NAME
     ckpt_io.save(path, ckpt_io.Checkpoint(config=cfg, model_state=build_model(cfg.model).state_dict(), step=1))
-    return path.read_bytes()
+    return path
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.floats(0, 1)))
-def test_the_checkpoint_reader_only_ever_raises_checkpoint_error(checkpoint_bytes, tmp_path_factory, edits, cut):
-    raw = bytearray(checkpoint_bytes)
+def test_the_checkpoint_reader_only_ever_raises_checkpoint_error(checkpoint_file, tmp_path_factory, edits, cut):
+    raw = bytearray(checkpoint_file.read_bytes())
     header_end = 8 + int.from_bytes(raw[:8], "little")
     for where, value in edits:  # mostly in the JSON header and the 8-byte length, where parsing happens
         raw[min(int(where * header_end * 1.1), len(raw) - 1)] = value

@@ -140,8 +140,9 @@ def _parse_header(path: Path, meta: dict[str, str]) -> dict[str, Any]:
         header = json.loads(meta["vaedraw"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} has no vaedraw header; it was not written by vaedraw") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a vaedraw checkpoint (format {header.get('format')!r})")
+    fmt = header.get("format") if isinstance(header, dict) else None
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path} is not a vaedraw checkpoint (format {fmt!r})")
     if not isinstance(header.get("format_version"), int) or header["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer vaedraw (checkpoint format "
                               f"{header.get('format_version')!r} > {FORMAT_VERSION}); upgrade vaedraw to load it")
@@ -160,17 +161,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         config = RunConfig.from_dict(header["config"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: stored config is invalid: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its header has no usable config ({type(e).__name__}: {e}); it was altered "
+                              "or damaged: retrain, or restore it from a backup") from None
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}}
     for name, value in tensors.items():
         prefix, _, rest = name.partition("/")
         if prefix not in groups:
             raise CheckpointError(f"{path}: unexpected tensor {name!r}")
         groups[prefix][rest if prefix != "optim" else name] = value
-    optim = _unflatten_optim(groups["optim"], header["optim"]) if header.get("optim") else None
-    return Checkpoint(
-        config=config, model_state=groups["model"], step=int(header["step"]), optim_state=optim,
-        rng=groups["rng"], metrics=header.get("metrics", {}), extra=header.get("extra", {}), header=header,
-    )
+    try:  # a header that parses as JSON can still lack a field or hold one of the wrong type
+        optim = _unflatten_optim(groups["optim"], header["optim"]) if header.get("optim") else None
+        return Checkpoint(
+            config=config, model_state=groups["model"], step=int(header["step"]), optim_state=optim,
+            rng=groups["rng"], metrics=header.get("metrics", {}), extra=header.get("extra", {}), header=header,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its header is damaged ({type(e).__name__}: {e}); retrain, or restore it "
+                              "from a backup") from None
 
 
 def model_from_checkpoint(ckpt: Checkpoint, path: str | Path = "checkpoint") -> VAE:
