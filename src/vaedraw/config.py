@@ -67,7 +67,7 @@ class TrainConfig:
 class SampleConfig:
     sampler: str = "gmm"  # prior | gmm (mixture fitted to the encoder means after training)
     temperature: float = 1.0  # prior sampler: z ~ N(0, temperature^2 I)
-    gmm_components: int = 100  # mixture size for the gmm sampler
+    gmm_components: int = 100  # mixture size for the gmm sampler (measured: docs/EVALUATION.md, Samplers)
     fit_gmm: bool = True  # fit the gmm sampler at the end of training
 
 
