@@ -253,3 +253,14 @@ def test_loading_never_unpickles(saved, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         ckpt_io.load(evil)
     assert not marker.exists()
+
+
+def test_atomic_write_gives_the_file_the_usual_mode(tmp_path):
+    """mkstemp's private 0600 must not leak into run directories that others read."""
+    import os
+
+    from vaedraw.checkpoint import _UMASK, atomic_write_text
+
+    path = tmp_path / "config.json"
+    atomic_write_text(path, "{}")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_UMASK

@@ -42,6 +42,10 @@ def versions() -> dict[str, str]:
     }
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call write(tmp_path), fsync, then rename onto `path`: readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +55,7 @@ def atomic_write_bytes(path: Path, write) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
