@@ -220,3 +220,21 @@ def test_a_conditional_run_reports_label_accuracy_per_requested_digit(small_mnis
     assert res["samples"]["label_accuracy_mean"] == pytest.approx(sum(acc.values()) / 10)  # 20 per digit
     assert "label_accuracy" in res["reconstructions"]
     assert "label accuracy per requested digit" in format_report(res)
+
+
+def test_class_conditional_mixture_draws_codes_from_the_requested_digit():
+    """Components fitted per label: z | y lands in that label's region of code space."""
+    import numpy as np
+
+    from vaedraw.sample import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    centres = np.arange(10)[:, None] * 10.0 * np.ones((1, 2))
+    y = np.repeat(np.arange(10), 200)
+    z = centres[y] + rng.normal(size=(2000, 2))
+    gmm = GaussianMixture.fit(z, n_components=20, seed=0, y=y)
+    assert gmm.labels is not None and sorted(set(gmm.labels.tolist())) == list(range(10))
+    want = torch.tensor([3, 7] * 50)
+    codes = gmm.sample(100, torch.Generator().manual_seed(0), y=want)
+    nearest = torch.cdist(codes.double(), torch.as_tensor(centres)).argmin(1)
+    assert torch.equal(nearest, want)

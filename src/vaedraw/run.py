@@ -88,23 +88,23 @@ class Run:
         return decode_means(self.model, z, self.check_labels(y))
 
     def codes(self, n: int, sampler: str | None = None, seed: int | None = None,
-              temperature: float | None = None) -> torch.Tensor:
-        """n codes [n, D] from the run's sampler (default: the preset's best)."""
+              temperature: float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """n codes [n, D] from the run's sampler (default: the preset's best); y [n] for conditional runs."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         return draw_codes(sampler or self.config.sample.sampler, n, self.latent_dim,
                           temperature=self.config.sample.temperature if temperature is None else temperature,
-                          gmm=self.gmm, generator=g)
+                          gmm=self.gmm, generator=g, y=y)
 
     def sample(self, n: int, sampler: str | None = None, seed: int | None = None,
                temperature: float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """n new images (pixel means) [n, 1, 28, 28]. For a conditional run, y: [n] labels.
-
-        A conditional run's mixture was fitted to codes that carry no label (the decoder sees it), so
-        both samplers apply.
-        """
+        """n new images (pixel means) [n, 1, 28, 28]. For a conditional run, y: [n] labels; its gmm
+        sampler draws z | y from the components fitted to that digit's codes."""
         if n < 0:
             raise VaedrawError(f"-n must be positive, got {n}")
-        return self.decode(self.codes(n, sampler, seed, temperature), y)
+        y = self.check_labels(y)
+        if y is not None and len(y) != n:
+            raise VaedrawError(f"got {len(y)} labels for {n} samples")
+        return self.decode(self.codes(n, sampler, seed, temperature, y), y)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

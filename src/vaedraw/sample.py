@@ -26,48 +26,79 @@ SAMPLERS = ("prior", "gmm")
 
 @dataclass
 class GaussianMixture:
-    """A full-covariance mixture: weights [K], means [K, D], scale_tril [K, D, D] (Cholesky factors)."""
+    """A full-covariance mixture: weights [K], means [K, D], scale_tril [K, D, D] (Cholesky factors).
+
+    For a conditional model the mixture is class-conditional: `labels` [K] says which digit each
+    component was fitted to (the codes of that digit's training images), so z | y is drawn from the
+    components of y alone. Codes still carry some of the digit's identity; drawing them from the same
+    digit's region keeps z and y in agreement.
+    """
 
     weights: torch.Tensor
     means: torch.Tensor
     scale_tril: torch.Tensor
+    labels: torch.Tensor | None = None
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = means[c] + L[c] eps, c ~ Categorical(weights), eps ~ N(0, I). -> [n, D]."""
-        c = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+        """z = means[c] + L[c] eps, c ~ Categorical(weights) (restricted to label y[i] when given). -> [n, D]."""
+        if y is not None and self.labels is not None:
+            p = self.weights[None, :] * (self.labels[None, :] == y.cpu()[:, None])  # [n, K]
+            missing = p.sum(1) == 0
+            if missing.any():
+                raise VaedrawError(f"the mixture has no component for digit(s) {sorted(set(y[missing].tolist()))}")
+            c = torch.multinomial(p, 1, generator=generator)[:, 0]
+        else:
+            c = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], 1, generator=generator, dtype=self.means.dtype)
         return self.means[c] + (self.scale_tril[c] @ eps).squeeze(-1)
 
     def save(self, path: str | Path) -> None:
         tensors = {"weights": self.weights, "means": self.means, "scale_tril": self.scale_tril}
+        if self.labels is not None:
+            tensors["labels"] = self.labels
         atomic_write_bytes(Path(path), lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianMixture:
         try:
             t = load_file(str(path))
-            gmm = cls(t["weights"], t["means"], t["scale_tril"])
+            gmm = cls(t["weights"], t["means"], t["scale_tril"], t.get("labels"))
         except Exception as e:  # any unreadable or incomplete file means the same thing to the user
             raise CheckpointError(f"{path} is not a readable mixture file ({e}); refit it with "
                                   "`vaedraw fit-gmm RUN_DIR`") from None
         k, d = gmm.means.shape
-        if gmm.weights.shape != (k,) or gmm.scale_tril.shape != (k, d, d):
+        if (gmm.weights.shape != (k,) or gmm.scale_tril.shape != (k, d, d)
+                or (gmm.labels is not None and gmm.labels.shape != (k,))):
             raise CheckpointError(f"{path}: mixture tensors have inconsistent shapes")
         return gmm
 
     @classmethod
-    def fit(cls, z: np.ndarray, n_components: int, seed: int = 0) -> GaussianMixture:
-        """Fit by EM (scikit-learn, full covariances, k-means init). z: [N, D]."""
+    def fit(cls, z: np.ndarray, n_components: int, seed: int = 0, y: np.ndarray | None = None) -> GaussianMixture:
+        """Fit by EM (scikit-learn, full covariances, k-means init). z: [N, D]; with labels y: [N], one
+        mixture of about n_components / n_classes components per label, weighted by the label's share."""
         from sklearn.mixture import GaussianMixture as SkGMM
 
-        sk = SkGMM(n_components=min(n_components, len(z)), covariance_type="full", random_state=seed,
-                   reg_covar=1e-5, max_iter=200)
-        sk.fit(z.astype(np.float64))
-        cov = torch.as_tensor(sk.covariances_, dtype=torch.float64)
+        def fit_one(zc: np.ndarray, k: int):
+            sk = SkGMM(n_components=max(1, min(k, len(zc))), covariance_type="full", random_state=seed,
+                       reg_covar=1e-5, max_iter=200)
+            sk.fit(zc.astype(np.float64))
+            return sk.weights_, sk.means_, sk.covariances_
+
+        if y is None:
+            parts, labels = [(1.0, *fit_one(z, n_components))], None
+        else:
+            classes = np.unique(y)
+            k = max(1, round(n_components / len(classes)))
+            parts = [(float(np.mean(y == c)), *fit_one(z[y == c], k)) for c in classes]
+            labels = torch.as_tensor(np.concatenate([np.full(len(p[1]), c) for c, p in zip(classes, parts)]))
+        weights = np.concatenate([share * w for share, w, _, _ in parts])
+        cov = torch.as_tensor(np.concatenate([c for _, _, _, c in parts]), dtype=torch.float64)
         return cls(
-            weights=torch.as_tensor(sk.weights_, dtype=torch.float32),
-            means=torch.as_tensor(sk.means_, dtype=torch.float32),
+            weights=torch.as_tensor(weights / weights.sum(), dtype=torch.float32),
+            means=torch.as_tensor(np.concatenate([m for _, _, m, _ in parts]), dtype=torch.float32),
             scale_tril=torch.linalg.cholesky(cov).float(),
+            labels=None if labels is None else labels.long(),
         )
 
 
@@ -97,20 +128,23 @@ def fit_gmm(model, images: torch.Tensor, labels: torch.Tensor | None, n_componen
     model.eval()
     z = encode_means(model, images, labels).numpy()
     model.train(was_training)
-    gmm = GaussianMixture.fit(z, n_components, seed)
+    y = labels.numpy() if labels is not None and model.n_classes else None
+    gmm = GaussianMixture.fit(z, n_components, seed, y)
     gmm.save(out)
     return gmm
 
 
 def draw_codes(sampler: str, n: int, latent_dim: int, *, temperature: float = 1.0,
-               gmm: GaussianMixture | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               gmm: GaussianMixture | None = None, generator: torch.Generator | None = None,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+    """n codes [n, D]; y [n] (conditional runs) selects the class-conditional mixture's components."""
     if sampler == "prior":
         return prior_sample(n, latent_dim, temperature, generator)
     if sampler == "gmm":
         if gmm is None:
             raise VaedrawError("this run has no fitted mixture for --sampler gmm; fit one with "
                                "`vaedraw fit-gmm RUN_DIR` or use --sampler prior")
-        return gmm.sample(n, generator)
+        return gmm.sample(n, generator, y)
     raise VaedrawError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
 
 

@@ -149,7 +149,7 @@ class Explorer:
         y = self.label(req.digit)
         sampler = self.info()["sampler"]
         with self.lock:
-            z = self.run.codes(1, sampler=sampler, seed=req.seed)
+            z = self.run.codes(1, sampler=sampler, seed=req.seed, y=y)
             x = self.run.decode(z, y)
         return {**self.describe(z), "png": png_base64(x[0]), "sampler": sampler}
 
