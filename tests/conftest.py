@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,48 @@ def tiny_run(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         code = main(["train", "--out", str(out), "--data-dir", str(mnist_dir), *TINY_RUN_ARGS])
     assert code == 0, "training the shared tiny run failed"
     return out
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder without logging each request to stderr."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """serve(folder, handler=QuietHandler) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(folder: Path, handler: type = QuietHandler) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def train_tiny_run(folder, mnist_dir):
+    """A conditional run of a few dozen steps (small nets, small budgets), trained once per test session
+    and shared by the web, latent and browser tests through the folder it lives in."""
+    from vaedraw.config import build_config
+    from vaedraw.train import train
+
+    if (folder / "gmm.safetensors").exists():
+        return folder
+    cfg = build_config("conditional", overrides={
+        "model.latent_dim": 4, "model.channels": 8, "model.hidden": 32, "train.steps": 40, "train.batch_size": 64,
+        "train.eval_images": 200, "train.log_every": 20, "train.eval_every": 40, "train.picture_every": 20,
+        "train.compile": "off", "train.seed": 0, "sample.gmm_components": 3})
+    return train(cfg, folder, data_dir=mnist_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_conditional_run(tmp_path_factory, mnist_dir):
+    return train_tiny_run(tmp_path_factory.getbasetemp() / "tiny-conditional", mnist_dir)

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_web import tiny_conditional_run  # noqa: F401  (the shared tiny conditional run)
 
 CHROMIUM = os.environ.get("VAEDRAW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web.png"
@@ -44,7 +43,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_conditional_run, mnist_dir):  # noqa: F811
+def server(tiny_conditional_run, mnist_dir):
     import uvicorn
 
     from vaedraw.run import load_run

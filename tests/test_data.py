@@ -24,6 +24,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import QuietHandler
+
 from vaedraw import data
 from vaedraw.errors import DataError, VaedrawError
 
@@ -42,12 +44,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     data._reset_state()
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _HtmlErrorPage(_Quiet):
+class _HtmlErrorPage(QuietHandler):
     """Answers every request 200 with an HTML error page, like a captive portal."""
 
     def do_GET(self) -> None:
@@ -61,10 +58,10 @@ class _HtmlErrorPage(_Quiet):
 
 @pytest.fixture
 def serve() -> Iterator:
-    """serve(folder, handler=_Quiet) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
+    """serve(folder, handler=QuietHandler) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
     servers: list[http.server.ThreadingHTTPServer] = []
 
-    def start(folder: Path, handler: type = _Quiet) -> str:
+    def start(folder: Path, handler: type = QuietHandler) -> str:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)

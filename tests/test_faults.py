@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import importlib
 import functools
-import gzip
 import hashlib
 import http.server
 import importlib.util
@@ -33,6 +32,8 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
+from conftest import QuietHandler
+
 from vaedraw import checkpoint as ckpt_io
 from vaedraw import data, fastpath
 from vaedraw.cli import main
@@ -42,7 +43,6 @@ from vaedraw.plots import read_metrics
 from vaedraw.run import load_run
 from vaedraw.train import TrainingDiverged, train
 
-from test_web import tiny_conditional_run  # noqa: F401  (the shared tiny conditional run)
 
 REPO = Path(__file__).resolve().parent.parent
 train_mod = importlib.import_module("vaedraw.train")  # the module (the package exports the function)
@@ -107,12 +107,7 @@ def _no_temp_files(folder: Path) -> bool:
 
 
 # ============================================================================= data
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _StallsMidFile(_Quiet):
+class _StallsMidFile(QuietHandler):
     """Sends the headers and the first bytes of the file, then nothing: a mirror that hangs mid-download."""
 
     def do_GET(self) -> None:
@@ -127,10 +122,10 @@ class _StallsMidFile(_Quiet):
 
 @pytest.fixture
 def serve() -> Iterator:
-    """serve(folder, handler=_Quiet) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
+    """serve(folder, handler=QuietHandler) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
     servers: list[http.server.ThreadingHTTPServer] = []
 
-    def start(folder: Path, handler: type = _Quiet) -> str:
+    def start(folder: Path, handler: type = QuietHandler) -> str:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()

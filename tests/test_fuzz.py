@@ -23,7 +23,6 @@ from vaedraw.config import build_config
 from vaedraw.errors import CheckpointError, DataError
 from vaedraw.models import build_model
 
-from test_web import tiny_conditional_run  # noqa: F401  (the shared tiny conditional run)
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])

@@ -16,7 +16,6 @@ from vaedraw.errors import VaedrawError
 from vaedraw.models import build_model
 from vaedraw.run import Run
 
-from test_web import tiny_conditional_run  # noqa: F401  (the shared tiny conditional run)
 
 
 def _run(latent_dim: int, n_classes: int = 0) -> Run:

@@ -17,26 +17,6 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 
-def train_tiny_run(folder, mnist_dir):
-    """A conditional run of a few dozen steps (small nets, small budgets), trained once per test session
-    and shared by the web, latent and browser tests through the folder it lives in."""
-    from vaedraw.config import build_config
-    from vaedraw.train import train
-
-    if (folder / "gmm.safetensors").exists():
-        return folder
-    cfg = build_config("conditional", overrides={
-        "model.latent_dim": 4, "model.channels": 8, "model.hidden": 32, "train.steps": 40, "train.batch_size": 64,
-        "train.eval_images": 200, "train.log_every": 20, "train.eval_every": 40, "train.picture_every": 20,
-        "train.compile": "off", "train.seed": 0, "sample.gmm_components": 3})
-    return train(cfg, folder, data_dir=mnist_dir, progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_conditional_run(tmp_path_factory, mnist_dir):
-    return train_tiny_run(tmp_path_factory.getbasetemp() / "tiny-conditional", mnist_dir)
-
-
 @pytest.fixture(scope="module")
 def client(tiny_conditional_run, mnist_dir):
     from vaedraw.run import load_run
