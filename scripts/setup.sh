@@ -23,7 +23,9 @@ if [ "$want_test" = 1 ]; then
   # downloads its own browsers). Without root or apt-get they skip and say why.
   if [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+      apt-get install -y -q chromium >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ||
+        echo "setup: could not install chromium; tests/test_browser.py will skip" >&2
     else
       echo "setup: no /usr/bin/chromium and no root apt-get; tests/test_browser.py will skip (apt-get install chromium)" >&2
     fi
