@@ -157,7 +157,7 @@ def test_wrong_types_from_strings_are_errors_naming_the_key(key, value):
 
 @pytest.mark.parametrize("line", ['[model]\nlatent_dim = "two"', "[model]\nlatent_dim = 2.5",
                                   "[sample]\nfit_gmm = 1", "[train]\nlr = [0.1]", "[model]\narch = 3",
-                                  "[train]\nsteps = true"])
+                                  "[train]\nsteps = true", '[train]\nlr = "0.1"', '[model]\nlatent_dim = "2"'])
 def test_wrong_types_from_toml_are_errors_naming_the_key(line, tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(line + "\n")

@@ -96,7 +96,7 @@ class RunConfig:
                 "upgrade vaedraw to load it"
             )
         cfg = cls()
-        apply_overrides(cfg, {k: v for k, v in flatten(d).items() if k != "version"})
+        apply_overrides(cfg, {k: v for k, v in flatten(d).items() if k != "version"}, parse_text=False)
         return cfg
 
 
@@ -185,11 +185,11 @@ def _field_type(obj: Any, name: str) -> type:
     return hints[name]
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
+def _coerce(key: str, value: Any, typ: Any, parse_text: bool = True) -> Any:
     """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
         raise ConfigError(f"{key}: union types are not supported")  # none are used
-    if isinstance(value, str) and typ is not str:
+    if isinstance(value, str) and typ is not str and parse_text:
         text = value.strip()
         try:
             if typ is bool:
@@ -218,8 +218,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Set dotted keys on `cfg` in place (and return it); unknown keys and bad types raise ConfigError."""
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], parse_text: bool = True) -> RunConfig:
+    """Set dotted keys on `cfg` in place (and return it); unknown keys and bad types raise ConfigError.
+
+    parse_text: values given as text (the command line's --set) are parsed into the field's type; typed
+    sources (TOML, JSON) pass False so that a string where a number belongs is an error.
+    """
     for key, value in overrides.items():
         if key == "version":  # the format marker: a run saved with another value could not be read back
             raise ConfigError("config key 'version' is the config format version; it cannot be set")
@@ -234,7 +238,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                 current = getattr(obj, part)
                 if dataclasses.is_dataclass(current):
                     raise ConfigError(f"config key {key!r} is a section; set one of its fields")
-                setattr(obj, part, _coerce(key, value, _field_type(obj, part)))
+                setattr(obj, part, _coerce(key, value, _field_type(obj, part), parse_text))
             else:
                 obj = getattr(obj, part)
                 if not dataclasses.is_dataclass(obj):
@@ -285,7 +289,7 @@ def build_config(
     flat: dict[str, Any] = load_toml(toml) if toml else {}
     name = flat.pop("preset", preset_name)
     cfg = preset(name)
-    apply_overrides(cfg, flat)
+    apply_overrides(cfg, flat, parse_text=False)  # TOML values carry their own types: "0.1" is a string
     apply_overrides(cfg, overrides or {})
     return cfg
 

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +340,3 @@ class FastStep:
 
 def announce(plan: Plan, device: torch.device, file=sys.stderr) -> None:
     print(f"vaedraw: fast path on {device}: {plan.describe()}", file=file)
-
-
-def with_overrides(plan: Plan, **kw) -> Plan:
-    return replace(plan, **kw)

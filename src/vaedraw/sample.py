@@ -9,7 +9,6 @@ Samplers (all return z: [n, D]):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +173,3 @@ def save_npz(path: str | Path, x: torch.Tensor, **extra: np.ndarray) -> Path:
 
     atomic_write_bytes(path, write)
     return path
-
-
-def grid_rows(n: int) -> int:
-    return max(1, math.ceil(math.sqrt(n)))
