@@ -106,8 +106,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     parts = {"train": slice(0, N_TRAIN), "test": slice(N_TRAIN, N_TOTAL)}
     for part, rows in parts.items():
-        for kind, array in (("images-idx3", images[rows]), ("labels-idx1", labels[rows])):
-            path = args.out_dir / f"mnist-subset-{part}-{kind}-ubyte.gz"
+        for kind, array in (("images.idx3", images[rows]), ("labels.idx1", labels[rows])):
+            path = args.out_dir / f"mnist-subset-{part}-{kind}.gz"
             md5 = write_idx_gz(path, array)
             print(f'"{path.name}": "{md5}",  # {path.stat().st_size:,} bytes')
 

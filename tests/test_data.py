@@ -6,14 +6,11 @@ files; the cache is a tmp folder, so nothing touches ~/.cache.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import shutil
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,23 +51,6 @@ class _HtmlErrorPage(QuietHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    """serve(folder, handler=QuietHandler) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
-    servers: list[http.server.ThreadingHTTPServer] = []
-
-    def start(folder: Path, handler: type = QuietHandler) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -353,8 +333,8 @@ def test_bundled_subset_is_official_first_10000(mnist_dir: Path) -> None:
 
 
 def test_damaged_bundle_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(data._BUNDLED_MD5, "mnist-subset-test-labels-idx1-ubyte.gz", "0" * 32)
-    with pytest.raises(DataError, match=r"mnist-subset-test-labels-idx1-ubyte\.gz.*reinstall"):
+    monkeypatch.setitem(data._BUNDLED_MD5, "mnist-subset-test-labels.idx1.gz", "0" * 32)
+    with pytest.raises(DataError, match=r"mnist-subset-test-labels\.idx1\.gz.*reinstall"):
         data.load_split("mnist", "test", download=False)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib
-import functools
 import hashlib
-import http.server
 import importlib.util
 import json
 import os
@@ -24,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -118,24 +115,6 @@ class _StallsMidFile(QuietHandler):
         self.wfile.write(b"\x1f\x8b" + b"\x00" * 998)
         self.wfile.flush()
         time.sleep(3)
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    """serve(folder, handler=QuietHandler) -> base URL of an HTTP server on 127.0.0.1 serving `folder`."""
-    servers: list[http.server.ThreadingHTTPServer] = []
-
-    def start(folder: Path, handler: type = QuietHandler) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -76,10 +76,10 @@ _SYSTEM_DIRS = {"fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),)}
 
 _BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 _BUNDLED_MD5 = {
-    "mnist-subset-train-images-idx3-ubyte.gz": "2f1f0881a41c78f18f5e2dfead101161",
-    "mnist-subset-train-labels-idx1-ubyte.gz": "d201aaf0ac2ae20fc1e95e9232efcd7e",
-    "mnist-subset-test-images-idx3-ubyte.gz": "ee0e4c2779e10e1e23ffd504bec62013",
-    "mnist-subset-test-labels-idx1-ubyte.gz": "42d369c2565d7e4c3480be4bb3cefaa7",
+    "mnist-subset-train-images.idx3.gz": "2f1f0881a41c78f18f5e2dfead101161",
+    "mnist-subset-train-labels.idx1.gz": "d201aaf0ac2ae20fc1e95e9232efcd7e",
+    "mnist-subset-test-images.idx3.gz": "ee0e4c2779e10e1e23ffd504bec62013",
+    "mnist-subset-test-labels.idx1.gz": "42d369c2565d7e4c3480be4bb3cefaa7",
 }
 _SUBSET_NOTE = (
     "vaedraw: note: MNIST could not be downloaded ({reason}); using the bundled 10,000-digit subset "
@@ -380,8 +380,8 @@ def _fetch(dataset: str, split: str, download: bool, progress: bool) -> tuple[Pa
 
 def _bundled(split: str) -> tuple[Path, Path]:
     paths = []
-    for kind in ("images-idx3", "labels-idx1"):
-        path = _BUNDLED_DIR / f"mnist-subset-{split}-{kind}-ubyte.gz"
+    for kind in ("images.idx3", "labels.idx1"):
+        path = _BUNDLED_DIR / f"mnist-subset-{split}-{kind}.gz"
         if not path.is_file() or _md5(path) != _BUNDLED_MD5[path.name]:
             raise DataError(f"{path}: the bundled MNIST subset is missing or damaged; reinstall vaedraw.")
         paths.append(path)
