@@ -58,6 +58,25 @@ def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 12
     return path
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), imported only when plotting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, out: str | Path) -> Path:
+    """Lay out, write atomically as PNG, and free the figure."""
+    fig.tight_layout()
+    out = Path(out)
+    atomic_write_bytes(out, lambda p: fig.savefig(p, format="png", dpi=100))
+    _pyplot().close(fig)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -73,10 +92,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(metrics_path: str | Path, out: str | Path, title: str = "") -> Path | None:
     """Loss, reconstruction and KL terms against step, train and test, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = read_metrics(metrics_path)
     if not rows:
@@ -96,21 +112,14 @@ def plot_curves(metrics_path: str | Path, out: str | Path, title: str = "") -> P
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    atomic_write_bytes(out, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------- latent-space pictures
 def plot_latent_map(points: np.ndarray, labels: np.ndarray, out: str | Path, title: str = "",
                     axis_names: tuple[str, str] = ("", "")) -> Path:
     """Scatter of 2-d positions [N, 2] coloured by label [N] (one colour per digit, with a legend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     points, labels = np.asarray(points), np.asarray(labels)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -125,11 +134,7 @@ def plot_latent_map(points: np.ndarray, labels: np.ndarray, out: str | Path, tit
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    atomic_write_bytes(out, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def save_manifold(x: torch.Tensor, grid: int, path: str | Path) -> Path:
