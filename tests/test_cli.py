@@ -135,6 +135,7 @@ def _bad_inputs(run: Path, tmp: Path, mnist_dir: Path) -> dict[str, list]:
         "existing run": ["train", "--steps", 1, "--out", run, "--data-dir", mnist_dir],
         "negative -n": ["sample", run, "-n", "-3", "--out", tmp / "x.png"],
         "zero -n": ["sample", run, "-n", "0", "--out", tmp / "x.png"],
+        "huge -n": ["sample", run, "-n", "10000000", "--out", tmp / "x.png"],
         "--digit 12": ["sample", run, "--digit", "12", "--out", tmp / "x.png"],
         "--digit word": ["sample", run, "--digit", "seven", "--out", tmp / "x.png"],
         "--digit, unconditional": ["sample", run, "--digit", "3", "--out", tmp / "x.png"],

@@ -17,6 +17,9 @@ from .config import PRESETS, build_config, parse_set
 from .errors import VaedrawError
 
 
+MAX_SAMPLES = 100_000  # one PNG grid of this many 28x28 digits is already ~8,000 pixels a side
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit status 2), no usage dump."""
 
@@ -146,7 +149,7 @@ def _add_run(p) -> None:
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw new digits from a trained run")
     _add_run(p)
-    p.add_argument("-n", type=_positive_int, default=64, help="how many (default 64)")
+    p.add_argument("-n", type=_positive_int, default=64, help=f"how many (default 64, at most {MAX_SAMPLES:,})")
     p.add_argument("--out", default="samples.png", help="grid picture (default samples.png)")
     p.add_argument("--npz", help="also write x: uint8 [n, 28, 28] = round(255 * pixel mean) to this .npz")
     p.add_argument("--seed", type=int, default=0)
@@ -161,6 +164,9 @@ def cmd_sample(args) -> int:
     from .run import load_run
     from .sample import save_npz
 
+    if args.n > MAX_SAMPLES:
+        raise VaedrawError(f"-n {args.n:,} is more than one grid picture can hold (at most {MAX_SAMPLES:,}); "
+                           "draw several batches with different --seed values")
     run = load_run(args.run_dir, args.device)
     y, nrow = None, 0
     if args.digit is not None:
