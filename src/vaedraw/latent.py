@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .errors import VaedrawError
+from .sample import encode_means
 
 PROJECTIONS = ("pca", "tsne", "umap")
 MANIFOLD_EDGE = 0.05  # the grid spans the normal quantiles 0.05 .. 0.95 (the Keras/TF tutorials' choice)
@@ -109,17 +110,10 @@ def there_and_back(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- encoder means of a split
-def encoder_means(run, images: torch.Tensor, labels: torch.Tensor, n: int | None = None,
-                  batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_means(run, images: torch.Tensor, labels: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """mu(x) of the first n images (uint8 [N, 28, 28]), with their labels. -> (mu [n, D], labels [n])."""
     n = len(images) if n is None else min(n, len(images))
-    out = []
-    for i in range(0, n, batch_size):
-        j = min(i + batch_size, n)
-        x = images[i:j].unsqueeze(1).float().div(255)
-        out.append(run.encode(x, labels[i:j] if run.conditional else None)[0])
-    mu = torch.cat(out) if out else torch.empty(0, run.latent_dim)
-    return mu, labels[:n].clone()
+    return encode_means(run.model, images[:n], labels[:n]), labels[:n].clone()
 
 
 # ----------------------------------------------------------------------------- 2-d projections
