@@ -10,6 +10,10 @@ rounds), images/s, process CPU ms/step (less sensitive to other load than wall t
 the speed-up, and a correctness check: both train for --check-steps steps of the preset's schedule on
 the same batches, then the test loss (one z per image, fixed noise, 10,000 test images) is compared.
 
+On the CPU the fast path's keep_memory (glibc keeps freed memory in the process) changes the allocator of
+the whole process, so the eager reference runs with it too; --default-malloc leaves glibc's defaults for
+both, to measure what the allocator setting itself gives (one invocation with and one without).
+
 The table is printed and written into docs/SPEED.md between `<!-- speed:DEVICE:start/end -->` markers
 (--no-write to skip). The default run takes a few minutes on 2 CPU cores.
 """
@@ -52,11 +56,14 @@ VARIANTS = {  # name -> Plan fields over a float32 eager plan (the `auto` row is
 }
 
 
-def plan_for(name: str, cfg, device: torch.device) -> fastpath.Plan:
+def plan_for(name: str, cfg, device: torch.device, default_malloc: bool = False) -> fastpath.Plan:
     if name == "auto":
-        return fastpath.choose_plan(cfg.train, cfg.model.arch, device)
-    plan = fastpath.Plan(reason=name, **VARIANTS[name])
-    return replace(plan, conv_as_conv=plan.conv_as_conv and cfg.model.arch == "seed")
+        plan = fastpath.choose_plan(cfg.train, cfg.model.arch, device)
+    else:
+        plan = fastpath.Plan(reason=name, **VARIANTS[name])
+    # keep_memory changes the whole process, the eager reference's steps included
+    return replace(plan, conv_as_conv=plan.conv_as_conv and cfg.model.arch == "seed",
+                   keep_memory=device.type == "cpu" and not default_malloc)
 
 
 def sync(device: torch.device) -> None:
@@ -121,7 +128,7 @@ def check_loss(tr: Trainer, batcher: Batcher, x_test, y_test, steps: int) -> tup
 
 
 def bench_preset(name: str, device: torch.device, variants: list[str], steps: int, rounds: int,
-                 check_steps: int, data_dir, log=print) -> list[dict]:
+                 check_steps: int, data_dir, log=print, default_malloc: bool = False) -> list[dict]:
     cfg = preset(name)
     cfg.train.steps = max(cfg.train.steps, check_steps)
     train_split, test_split = data_mod.load_dataset(cfg.data.dataset, data_dir, progress=False)
@@ -136,7 +143,7 @@ def bench_preset(name: str, device: torch.device, variants: list[str], steps: in
     compile_s: dict[str, float | None] = {}
     for v in variants:
         try:
-            tr = Trainer(cfg, device, plan_for(v, cfg, device))
+            tr = Trainer(cfg, device, plan_for(v, cfg, device, default_malloc))
             t0 = time.perf_counter()
             for _ in range(3):  # warm-up: compile, CUDA graph capture, allocator
                 tr.step(x, y, cfg.train.lr).sum().item()
@@ -221,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=str(REPO / "docs" / "SPEED.md"))
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/SPEED.md alone")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (the fast path's keep_memory is otherwise in effect for "
+                        "the whole process, the eager reference included)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -232,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name in [s.strip() for s in args.presets.split(",") if s.strip()]:
         rows += bench_preset(name, device, variants, args.steps, args.rounds, args.check_steps, args.data_dir,
-                             log=lambda m: print(m, file=sys.stderr))
+                             log=lambda m: print(m, file=sys.stderr), default_malloc=args.default_malloc)
+    malloc = " --default-malloc" if args.default_malloc else ""
     text = (f"{machine(device)}; `python benchmarks/speed.py --device {args.device} --presets {args.presets} "
-            f"--variants {args.variants} --steps {args.steps} --rounds {args.rounds} --check-steps {args.check_steps}`"
-            f" ({time.strftime('%Y-%m-%d')}).\n\n" + table(rows))
+            f"--variants {args.variants} --steps {args.steps} --rounds {args.rounds} --check-steps {args.check_steps}"
+            f"{malloc}` ({time.strftime('%Y-%m-%d')}).\n\n" + table(rows))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

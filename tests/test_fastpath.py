@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,11 +56,12 @@ def test_choose_plan_follows_the_table_and_the_flags():
     row = fastpath.AUTO[(fastpath.device_class(cpu), "seed")]
     assert auto.precision == row["precision"] and auto.channels_last == row["channels_last"]
     assert not auto.cuda_graph  # never on a CPU
+    assert auto.keep_memory and "keep_memory" in auto.describe()
     t.precision, t.compile = "fp32", "on"
     asked = fastpath.choose_plan(t, "seed", cpu)
     assert asked.precision == "fp32" and asked.compile and asked.reason == "as asked"
     cuda = fastpath.choose_plan(preset("seed").train, "seed", torch.device("cuda"))
-    assert cuda.cuda_graph
+    assert cuda.cuda_graph and not cuda.keep_memory
     assert not fastpath.choose_plan(preset("seed").train, "seed", torch.device("cuda"), distributed=True).cuda_graph
     assert not fastpath.choose_plan(preset("default").train, "conv", cpu).conv_as_conv
 
@@ -75,6 +78,25 @@ def test_noise_rows_of_all_processes_make_the_single_process_draw():
         parts_n.append(noise.normal_like(x))
     assert torch.equal(torch.cat(parts_u), whole_u)
     assert torch.equal(torch.cat(parts_n), whole_n)
+    y = torch.zeros(3, 5, 7)  # 105 elements per process: not a multiple of the 4 masks per 64-bit draw
+    torch.manual_seed(6)
+    whole_k = fastpath.Noise().keep_mask(torch.zeros(6, 5, 7), 0.3)
+    parts_k = []
+    for rank in range(2):
+        torch.manual_seed(6)
+        parts_k.append(fastpath.Noise(rank, 2).keep_mask(y, 0.3))
+    assert parts_k[0].shape == y.shape and parts_k[0].dtype == torch.bool
+    assert torch.equal(torch.cat(parts_k), whole_k)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 0.9])
+def test_keep_mask_keeps_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    keep = fastpath.Noise().keep_mask(torch.zeros(1000, 1000), p).float()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * ((p * (1 - p)) ** 0.5 / 1000 + 1e-6) + 2 ** -16
+    # neighbouring elements share a 64-bit draw; they must still be independent
+    both = (keep[:, 0::2] * keep[:, 1::2]).mean().item()
+    assert abs(both - (1 - p) ** 2) < 0.01
 
 
 def test_global_dropout_drops_and_rescales_in_training_only():
@@ -184,3 +206,26 @@ def test_training_is_not_a_copy_of_its_initial_weights(mnist_dir, tmp_path, monk
     assert set(state) == set(init)
     assert any(not torch.equal(state[k], init[k]) for k in init)
     assert F.mse_loss(state["decoder_conv.2.weight"], init["decoder_conv.2.weight"]).item() > 0
+
+
+def test_bf16_decoding_stays_close_to_float32():
+    from vaedraw.sample import decode_means
+
+    torch.manual_seed(0)
+    model = build_model(preset("default").model).eval()
+    z = torch.randn(300, model.latent_dim)
+    with torch.no_grad():
+        ref = torch.sigmoid(model.decode(z))
+    fast = decode_means(model, z, batch_size=128)  # several batches, the last one short
+    assert fast.shape == ref.shape and fast.dtype == torch.float32
+    assert (fast - ref).abs().max() < 2 / 255
+    torch.testing.assert_close(decode_means(model, z, precision="fp32"), ref)
+    with pytest.raises(ValueError, match="precision"):
+        decode_means(model, z, precision="half")
+    if fastpath.device_class(torch.device("cpu")) == "cpu-bf16":
+        assert not torch.equal(fast, ref)  # bf16 decoding is in use where the CPU has it
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_glibc_agrees_to_keep_freed_memory():
+    assert fastpath.keep_freed_memory()
