@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     per_variant[dname + lname] = t
         for v, t in per_variant.items():
             cells = [f"{t[k]:.2f}" if k in t else "-" for k in ("fwd", "grad_in", "grad_w")]
-            print(f"| {layer.name} ({type(layer.module).__name__}) | {list(layer.in_shape)} | {v} | " + " | ".join(cells) + " |")
+            name = f"{layer.name} ({type(layer.module).__name__})"
+            print(f"| {name} | {list(layer.in_shape)} | {v} | " + " | ".join(cells) + " |")
         kinds = per_variant["fp32"].keys()
         best_total += sum(min(t[k] for t in per_variant.values()) for k in kinds)
         fp32_total += sum(per_variant["fp32"].values())

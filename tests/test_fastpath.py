@@ -87,6 +87,16 @@ def test_noise_rows_of_all_processes_make_the_single_process_draw():
         parts_k.append(fastpath.Noise(rank, 2).keep_mask(y, 0.3))
     assert parts_k[0].shape == y.shape and parts_k[0].dtype == torch.bool
     assert torch.equal(torch.cat(parts_k), whole_k)
+    # channels-last activations get a channels-last mask, split by rows the same way
+    cl = torch.zeros(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(7)
+    whole_cl = fastpath.Noise().keep_mask(torch.zeros(6, 4, 5, 6).contiguous(memory_format=torch.channels_last), 0.3)
+    assert whole_cl.is_contiguous(memory_format=torch.channels_last)
+    parts_cl = []
+    for rank in range(2):
+        torch.manual_seed(7)
+        parts_cl.append(fastpath.Noise(rank, 2).keep_mask(cl, 0.3))
+    assert torch.equal(torch.cat(parts_cl), whole_cl)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 0.9])
