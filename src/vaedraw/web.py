@@ -126,8 +126,7 @@ class Explorer:
         return {
             "preset": run.config.preset, "step": run.step, "latent_dim": run.latent_dim,
             "conditional": run.conditional, "n_classes": run.model.n_classes,
-            "sampler": run.config.sample.sampler if (run.gmm is not None or run.config.sample.sampler != "gmm")
-            else "prior",
+            "sampler": run.default_sampler,
             "z_bound": Z_BOUND, "draw_size": [DRAW_MIN, DRAW_MAX], "max_steps": MAX_STEPS,
             "basis": {"kind": "axes" if run.latent_dim <= MAX_AXES else "principal",
                       "mean": b.mean.tolist(), "directions": b.directions.tolist(), "scale": b.scale.tolist()},
@@ -147,7 +146,7 @@ class Explorer:
 
     def random(self, req: RandomRequest) -> dict:
         y = self.label(req.digit)
-        sampler = self.info()["sampler"]
+        sampler = self.run.default_sampler
         with self.lock:
             z = self.run.codes(1, sampler=sampler, seed=req.seed, y=y)
             x = self.run.decode(z, y)
@@ -275,29 +274,11 @@ def create_app(run, data_dir: str | Path | None = None, n_map: int = N_MAP):
             raise HTTPException(404, f"no static file {name!r}")
         return FileResponse(static[name])
 
-    @app.get("/api/info")
-    def info():
-        return ex.info()
-
-    @app.get("/api/map")
-    def latent_map():
-        return ex.latent_map()
-
-    @app.post("/api/decode")
-    def decode(req: DecodeRequest):
-        return ex.decode(req)
-
-    @app.post("/api/random")
-    def random(req: RandomRequest):
-        return ex.random(req)
-
-    @app.post("/api/encode")
-    def encode(req: EncodeRequest):
-        return ex.encode(req)
-
-    @app.post("/api/interpolate")
-    def interpolate(req: InterpolateRequest):
-        return ex.interpolate(req)
+    # The explorer's methods are the endpoints: FastAPI validates each body against the method's typed model.
+    for method, path, endpoint in (("GET", "/api/info", ex.info), ("GET", "/api/map", ex.latent_map),
+                                   ("POST", "/api/decode", ex.decode), ("POST", "/api/random", ex.random),
+                                   ("POST", "/api/encode", ex.encode), ("POST", "/api/interpolate", ex.interpolate)):
+        app.add_api_route(path, endpoint, methods=[method])
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     return app
