@@ -238,3 +238,19 @@ def test_class_conditional_mixture_draws_codes_from_the_requested_digit():
     codes = gmm.sample(100, torch.Generator().manual_seed(0), y=want)
     nearest = torch.cdist(codes.double(), torch.as_tensor(centres)).argmin(1)
     assert torch.equal(nearest, want)
+
+
+def test_a_run_without_its_mixture_falls_back_to_the_prior_and_refuses_gmm_early(tiny_run, small_mnist, tmp_path):
+    import shutil
+
+    from vaedraw.errors import VaedrawError
+
+    run_dir = tmp_path / "no-mixture"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / GMM_NAME).unlink(missing_ok=True)
+    run = load_run(run_dir, "cpu")
+    assert run.config.sample.sampler == "gmm" and run.default_sampler == "prior"
+    res = evaluate_run(run, iwae_k=2, n_samples=50, data_dir=small_mnist, n_images=20)
+    assert res["samples"]["sampler"] == "prior"
+    with pytest.raises(VaedrawError, match="fit-gmm"):
+        evaluate_run(run, iwae_k=10 ** 9, sampler="gmm", data_dir=small_mnist)  # refused before the IWAE work

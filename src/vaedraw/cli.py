@@ -176,7 +176,7 @@ def cmd_sample(args) -> int:
     n = args.n if y is None else len(y)
     x = run.sample(n, sampler=args.sampler, seed=args.seed, temperature=args.temperature, y=y)
     plots.save_grid(x, args.out, nrow=nrow or None)
-    print(f"vaedraw: {n} samples ({args.sampler or run.config.sample.sampler} sampler) -> {args.out}")
+    print(f"vaedraw: {n} samples ({args.sampler or run.default_sampler} sampler) -> {args.out}")
     if args.npz:
         save_npz(args.npz, x, **({"y": y.numpy()} if y is not None else {}))
         print(f"vaedraw: uint8 array x {tuple(x.shape[:1]) + (28, 28)} -> {args.npz}")

@@ -25,6 +25,7 @@ import torch
 
 from .errors import VaedrawError
 from .objectives import iwae_bound, iwae_log_weights, kl_to_standard_normal, reconstruction_loss
+from .sample import check_sampler
 
 EVAL_SEED = 12345  # the fixed seed of the test binarization and of evaluation noise
 RECOGNIZED = 0.9  # a digit is recognizable when the evaluator gives its top class at least this probability
@@ -194,9 +195,9 @@ def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int
         raise VaedrawError(f"unknown split {split!r}; choose one of: {', '.join(data_mod.SPLITS)}")
     if iwae_k < 1 or n_samples < 1:
         raise VaedrawError("--iwae-k and --n-samples must be positive")
+    check_sampler(sampler or run.default_sampler, run.gmm)  # before the slow likelihood work
     cfg, model, dev = run.config, run.model, run.device
     dataset, lik = cfg.data.dataset, cfg.model.likelihood
-    sampler = sampler or cfg.sample.sampler
     part = data_mod.load_split(dataset, split, data_dir, progress=False)
     n = len(part) if n_images is None else min(n_images, len(part))
     images, labels = part.images[:n], part.labels[:n]
@@ -249,7 +250,7 @@ def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, 
 
     t0 = time.perf_counter()
     dataset = run.config.data.dataset
-    sampler = sampler or run.config.sample.sampler
+    sampler = sampler or run.default_sampler
     try:
         evaluator = load_evaluator(dataset, device=run.device)
     except VaedrawError as e:

@@ -87,11 +87,17 @@ class Run:
             raise VaedrawError(f"codes must have shape [n, {self.latent_dim}], got {list(z.shape)}")
         return decode_means(self.model, z, self.check_labels(y))
 
+    @property
+    def default_sampler(self) -> str:
+        """The preset's sampler, or the prior when the preset's mixture was never fitted (sample.fit_gmm=false)."""
+        sampler = self.config.sample.sampler
+        return "prior" if sampler == "gmm" and self.gmm is None else sampler
+
     def codes(self, n: int, sampler: str | None = None, seed: int | None = None,
               temperature: float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """n codes [n, D] from the run's sampler (default: the preset's best); y [n] for conditional runs."""
+        """n codes [n, D] from `sampler` (default: `default_sampler`); y [n] for conditional runs."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        return draw_codes(sampler or self.config.sample.sampler, n, self.latent_dim,
+        return draw_codes(sampler or self.default_sampler, n, self.latent_dim,
                           temperature=self.config.sample.temperature if temperature is None else temperature,
                           gmm=self.gmm, generator=g, y=y)
 

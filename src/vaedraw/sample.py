@@ -138,14 +138,19 @@ def draw_codes(sampler: str, n: int, latent_dim: int, *, temperature: float = 1.
                gmm: GaussianMixture | None = None, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:
     """n codes [n, D]; y [n] (conditional runs) selects the class-conditional mixture's components."""
+    check_sampler(sampler, gmm)
     if sampler == "prior":
         return prior_sample(n, latent_dim, temperature, generator)
-    if sampler == "gmm":
-        if gmm is None:
-            raise VaedrawError("this run has no fitted mixture for --sampler gmm; fit one with "
-                               "`vaedraw fit-gmm RUN_DIR` or use --sampler prior")
-        return gmm.sample(n, generator, y)
-    raise VaedrawError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    return gmm.sample(n, generator, y)
+
+
+def check_sampler(sampler: str, gmm: GaussianMixture | None) -> None:
+    """A VaedrawError naming the fix unless `sampler` can draw (gmm needs a fitted mixture)."""
+    if sampler not in SAMPLERS:
+        raise VaedrawError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if sampler == "gmm" and gmm is None:
+        raise VaedrawError("this run has no fitted mixture for --sampler gmm; fit one with "
+                           "`vaedraw fit-gmm RUN_DIR` or use --sampler prior")
 
 
 @torch.no_grad()

@@ -446,5 +446,4 @@ def finish_run(out: Path, model, cfg: RunConfig, train_split, dev: torch.device)
     run = load_run(out, device=str(dev))
     n = 100
     y = torch.arange(10).repeat_interleave(10) if run.conditional else None
-    sampler = None if run.gmm is not None else "prior"  # sample.fit_gmm=false leaves no mixture to draw from
-    plots.save_grid(run.sample(n, sampler=sampler, seed=0, y=y), out / "samples.png", nrow=10)
+    plots.save_grid(run.sample(n, seed=0, y=y), out / "samples.png", nrow=10)
