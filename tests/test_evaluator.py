@@ -54,3 +54,11 @@ def test_an_unshipped_dataset_is_a_clear_error(monkeypatch, tmp_path):
 def test_the_evaluator_refuses_wrong_shapes():
     with pytest.raises(VaedrawError, match=r"\[N, 1, 28, 28\]"):
         load_evaluator("mnist").predict_proba(torch.zeros(3, 28, 28))
+
+
+def test_features_and_proba_in_one_pass_match_the_separate_calls():
+    ev = load_evaluator("mnist")
+    x = torch.rand(2500, 1, 28, 28)  # more than one batch of the evaluator
+    f, p = ev.features_and_proba(x)
+    assert torch.equal(f, ev.features(x))
+    torch.testing.assert_close(p, ev.predict_proba(x))

@@ -161,7 +161,8 @@ def label_stats(proba: torch.Tensor, y: torch.Tensor | None = None) -> dict:
 
 def quality(evaluator, x: torch.Tensor, ref_features: torch.Tensor, y: torch.Tensor | None = None) -> dict:
     """FD of images x: [N, 1, 28, 28] (pixel means) to reference features [M, F], plus `label_stats`."""
-    return {"fd": frechet_distance(evaluator.features(x), ref_features), **label_stats(evaluator.predict_proba(x), y)}
+    features, proba = evaluator.features_and_proba(x)
+    return {"fd": frechet_distance(features, ref_features), **label_stats(proba, y)}
 
 
 def _fixed_choice(n_total: int, n: int, seed: int = EVAL_SEED) -> torch.Tensor:
@@ -266,7 +267,7 @@ def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, 
            "quality_note": (f"evaluator: our CNN for {dataset} (test accuracy {evaluator.test_accuracy:.4f}); "
                             f"features of pixel means vs {m:,} {test.name} images"),
            "fd_floor": frechet_distance(evaluator.features(real), ref)}
-    y_gen = torch.arange(n_samples) % 10 if run.conditional else None
+    y_gen = torch.arange(n_samples) % run.model.n_classes if run.conditional else None
     x_gen = run.sample(n_samples, sampler=sampler, seed=seed, y=y_gen)
     res["samples"] = {"sampler": sampler, **quality(evaluator, x_gen, ref, y_gen)}
     x_rec = run.reconstruct(as_float(images), labels if run.conditional else None)
@@ -296,9 +297,7 @@ def format_report(result: dict) -> str:
     lines += [f"sample quality ({r['quality_note']}):",
               f"  {'':<28}{'FD':>9}{'recognizable':>14}{'coverage bits':>15}{'class share min/max':>21}"]
 
-    def row(name: str, q: dict | None, extra: str = "") -> str:
-        if q is None:
-            return f"  {name:<28}{'-':>9}"
+    def row(name: str, q: dict, extra: str = "") -> str:
         return (f"  {name:<28}{q['fd']:>9.2f}{q['recognizable']:>14.3f}{q['coverage_bits']:>15.3f}"
                 f"{q['min_class_share']:>12.3f} / {q['max_class_share']:.3f}{extra}")
 

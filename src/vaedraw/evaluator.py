@@ -88,6 +88,15 @@ class Evaluator:
         """Penultimate-layer features: [N, 1, 28, 28] -> [N, FEATURES] on the CPU."""
         return self._map(self.net.features, x)
 
+    def features_and_proba(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features` and `predict_proba` from one pass of the network: ([N, FEATURES], [N, 10])."""
+        def both(xb: torch.Tensor) -> torch.Tensor:
+            f = self.net.features(xb)
+            return torch.cat([f, torch.softmax(self.net.head(f), dim=1)], dim=1)  # head(f): eval-mode forward
+
+        out = self._map(both, x)
+        return out[:, :FEATURES], out[:, FEATURES:]
+
 
 def save_evaluator(net: EvaluatorNet, path: str | Path, metadata: dict) -> None:
     """Write the weights as float16 safetensors with `metadata` (JSON values) under the key `vaedraw`."""
