@@ -371,7 +371,7 @@ def cmd_manifold(args) -> int:
         test = latent.load_test_split(run, args.data_dir)
         mu, _ = latent.encoder_means(run, test.images, test.labels, args.n)
     digit = args.digit if args.digit is not None else (0 if run.conditional else None)
-    x = latent.manifold(run, args.grid, mu, digit if run.conditional else args.digit)
+    x = latent.manifold(run, args.grid, mu, digit)
     plots.save_manifold(x, args.grid, args.out)
     plane = "the latent plane" if mu is None else "the two leading principal directions of the test means"
     print(f"vaedraw: {args.grid}x{args.grid} manifold over {plane} -> {args.out}")

@@ -248,7 +248,7 @@ class Monitor:
         was = model.training
         model.eval()
         mu, _ = model.encode(self.x, self.y if model.n_classes else None)
-        rec = torch.sigmoid(model.decode(mu, self.y if model.n_classes else None).float())
+        rec = decode_means(model, mu, self.y if model.n_classes else None).to(self.x.device)
         gen = decode_means(model, self.z, self.zy).to(self.x.device)
         model.train(was)
         return torch.cat([self.x.float(), rec, gen]).cpu()

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from . import latent
+from . import latent, plots
 from .errors import VaedrawError
 
 STATIC_DIR = Path(__file__).resolve().parent / "web_static"
@@ -74,9 +74,8 @@ class BadRequest(VaedrawError):
 
 def png_base64(x: torch.Tensor) -> str:
     """One image [1, 28, 28] (or [28, 28]) in [0, 1] -> base64 of a grayscale PNG."""
-    a = torch.round(x.detach().float().reshape(28, 28).clamp(0, 1) * 255).to(torch.uint8).numpy()
     buf = io.BytesIO()
-    Image.fromarray(a, mode="L").save(buf, format="PNG")
+    Image.fromarray(plots.to_uint8(x.reshape(1, 28, 28))[0], mode="L").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
