@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from speed import sync  # benchmarks/ is on sys.path when this script runs
 from vaedraw.config import preset
 from vaedraw.models import build_model
 from vaedraw.run import resolve_device
@@ -56,13 +57,11 @@ def timed(fn, device: torch.device, reps: int) -> float:
         fn()
     rounds = []
     for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         rounds.append((time.perf_counter() - t0) / reps * 1000)
     return statistics.median(rounds)
 
@@ -70,13 +69,13 @@ def timed(fn, device: torch.device, reps: int) -> float:
 def kernel_times(layer: Layer, dtype: torch.dtype, layout, device: torch.device, reps: int) -> dict[str, float]:
     m = layer.module
     x = torch.randn(layer.in_shape, device=device, dtype=dtype)
-    w = m.weight.detach().to(dtype)
+    w, b = m.weight.detach().to(dtype), m.bias.detach().to(dtype)  # cast once, outside the timed calls
     if isinstance(m, nn.Linear):
         if layout is torch.channels_last:
             return {}
         y = x @ w.t()
         g = torch.randn_like(y)
-        out = {"fwd": timed(lambda: torch.addmm(m.bias.to(dtype), x, w.t()), device, reps),
+        out = {"fwd": timed(lambda: torch.addmm(b, x, w.t()), device, reps),
                "grad_w": timed(lambda: (g.t() @ x, g.sum(0)), device, reps)}
         if not layer.first:
             out["grad_in"] = timed(lambda: g @ w, device, reps)
@@ -91,7 +90,7 @@ def kernel_times(layer: Layer, dtype: torch.dtype, layout, device: torch.device,
     def backward(mask):
         return lambda: torch.ops.aten.convolution_backward(g, x, w, bias_sizes, *conv_args, mask)
 
-    out = {"fwd": timed(lambda: torch.ops.aten.convolution(x, w, m.bias.to(dtype), *conv_args), device, reps),
+    out = {"fwd": timed(lambda: torch.ops.aten.convolution(x, w, b, *conv_args), device, reps),
            "grad_w": timed(backward([False, True, True]), device, reps)}
     if not layer.first:
         out["grad_in"] = timed(backward([True, False, False]), device, reps)

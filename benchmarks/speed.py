@@ -86,7 +86,6 @@ class Trainer:
             self.opt = fastpath.make_optimizer(self.model, cfg, device, plan)
             self.fast = fastpath.FastStep(self.model, self.opt, cfg, plan)
         self.model.train()
-        self.rng = torch.Generator(device=device).manual_seed(1)
 
     def step(self, x, y, lr: float) -> torch.Tensor:
         if self.fast is not None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import SameCrop, reparameterize
 from .objectives import vae_loss
 
 # What `auto` picks, by device class and architecture, with the measurement behind it
@@ -214,8 +215,6 @@ class FlippedConvTranspose(nn.Module):
 def prepare_model(model: nn.Module, plan: Plan, noise: Noise) -> nn.Module:
     """Rewire `model` in place for the plan; parameter names and values are unchanged, so state_dicts and
     checkpoints are exactly those of the plain model. Returns the model."""
-    from .models import SameCrop
-
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Dropout):
@@ -252,7 +251,7 @@ class Objective(nn.Module):
         with autocast(x.device, self.plan):
             mu, logvar = self.model.encode(x, y)
             mu, logvar = mu.float(), logvar.float()
-            z = mu + torch.exp(0.5 * logvar) * self.noise.normal_like(mu)  # Kingma & Welling 2014, eq. 10
+            z = reparameterize(mu, logvar, self.noise.normal_like(mu))
             logits = self.model.decode(z, y)
         loss, recon, kl = vae_loss(x, logits.float(), mu, logvar, self.likelihood)
         return torch.stack([loss, recon, kl])

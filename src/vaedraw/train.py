@@ -423,9 +423,10 @@ def _train(cfg: RunConfig, out: Path, ctx: dist_mod.Context, data_dir, resume: b
         finally:
             bar.close()
 
+    # No barrier after this: rank 0's mixture fit can outlast a collective's timeout, and torchrun waits for
+    # every process anyway.
     if main:
         finish_run(out, model, cfg, train_split, dev)
-    dist_mod.barrier(ctx)
     return out
 
 
