@@ -21,7 +21,8 @@ Conversion
 
 Usage
     python scripts/make_bundled_subset.py /tmp/package --mnist-dir /path/to/official/mnist
-    Then copy the printed md5s into `_BUNDLED_MD5` in src/vaedraw/data.py.
+    Then copy the printed md5s into `_BUNDLED_MD5` (the files) and `_BUNDLED_IMAGES_MD5` (the pixels, which
+    recognise the subset however it is stored) in src/vaedraw/data/registry.py.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def main() -> None:
             path = args.out_dir / f"mnist-subset-{part}-{kind}.gz"
             md5 = write_idx_gz(path, array)
             print(f'"{path.name}": "{md5}",  # {path.stat().st_size:,} bytes')
+    for part, rows in parts.items():
+        pixels = np.ascontiguousarray(images[rows])
+        print(f'"{part}": ({len(pixels):_}, "{hashlib.md5(pixels.tobytes()).hexdigest()}"),  # md5 of the uint8 pixels')
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ so running the suite leaves the working tree as it was:
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -19,6 +20,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,17 +44,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_conditional_run, mnist_dir):
+from contextlib import contextmanager
+
+
+@contextmanager
+def _serving(make_app):
+    """uvicorn on a free 127.0.0.1 port in a thread, for the app `make_app(port)` builds; yields its URL."""
     import uvicorn
 
-    from vaedraw.run import load_run
-    from vaedraw.web import create_app
-
-    run_dir = os.environ.get("VAEDRAW_BROWSER_RUN") or tiny_conditional_run
-    app = create_app(load_run(run_dir, device="cpu"), mnist_dir, n_map=1000)
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(make_app(port), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -60,23 +61,52 @@ def server(tiny_conditional_run, mnist_dir):
         if time.time() > deadline or not thread.is_alive():
             pytest.fail("the explorer server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1180, "height": 900})
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(server)
-        pg.wait_for_selector("body[data-ready='1']", timeout=20_000)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@contextmanager
+def _open(browser, url):
+    """A page on `url`, once the page says it is ready; no script error allowed."""
+    pg = browser.new_page(viewport={"width": 1180, "height": 900})
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(url)
+    pg.wait_for_selector("body[data-ready='1']", timeout=20_000)
+    yield pg
+    pg.close()
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def server(tiny_conditional_run, mnist_dir):
+    from vaedraw.run import load_run
+    from vaedraw.web import HostRule, create_app
+
+    run = load_run(os.environ.get("VAEDRAW_BROWSER_RUN") or tiny_conditional_run, device="cpu")
+    # with the Host check `vaedraw serve` installs: the page works under the address it is served on
+    def make(port):
+        return create_app(run, mnist_dir, n_map=1000, hosts=HostRule.for_bind("127.0.0.1", port))
+
+    with _serving(make) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    with _open(browser, server) as pg:
         yield pg
-        browser.close()
-        assert not errors, errors
 
 
 def _src(page, selector: str) -> str:
@@ -130,3 +160,35 @@ def test_random_and_interpolation_then_screenshot(page, tmp_path):
     # a 256-colour palette keeps the committed picture small
     out = SCREENSHOT if os.environ.get("VAEDRAW_BROWSER_RUN") else tmp_path / "web.png"
     shot.quantize(256, method=Image.Quantize.FASTOCTREE).save(out, optimize=True)
+
+
+def test_a_colour_run_in_the_page(browser):
+    """An untrained 3-class model of 3x12x16 colour images: colour pictures, the run's classes, no drawing pad."""
+    import torch
+
+    from vaedraw.config import build_config
+    from vaedraw.models import build_model
+    from vaedraw.run import Run
+    from vaedraw.web import HostRule, create_app
+
+    cfg = build_config("default", overrides={"model.latent_dim": 3, "model.channels": 4, "model.hidden": 16,
+                                             "model.n_classes": 3, "sample.sampler": "prior"})
+    torch.manual_seed(0)
+    run = Run(run_dir=None, config=cfg, model=build_model(cfg.model, image_shape=(3, 12, 16)).eval(), step=0,
+              metrics={})
+    test = SimpleNamespace(images=torch.randint(0, 256, (60, 12, 16, 3), dtype=torch.uint8),
+                           labels=torch.arange(60) % 3)
+
+    def make(port):
+        return create_app(run, n_map=60, hosts=HostRule.for_bind("127.0.0.1", port), test=test)
+
+    with _serving(make) as url, _open(browser, url) as pg:
+        assert pg.locator("#draw").is_hidden() and pg.locator("#interp-card").is_visible()
+        assert pg.locator("#digit-buttons button").count() == 3
+        assert pg.locator("#interp-from option").count() == 3
+        pg.wait_for_function("document.getElementById('decoded').naturalWidth > 0")
+        img = Image.open(io.BytesIO(base64.b64decode(_src(pg, "#decoded").split(",", 1)[1])))
+        assert img.mode == "RGB" and img.size == (16, 12)
+        pg.click("#interp-go")
+        pg.wait_for_function("document.querySelectorAll('#strip-spherical img').length === 10", timeout=10_000)
+        assert "12x16" in pg.locator("#run-info").text_content()

@@ -42,7 +42,7 @@ def saved(tmp_path):
     rng = torch.get_rng_state()
     ckpt_io.save(path, ckpt_io.Checkpoint(
         config=cfg, model_state=model.state_dict(), step=17, optim_state=opt.state_dict(),
-        rng={"cpu": rng}, metrics={"test": {"loss": 1.5}}, extra={"best": 2.0}))
+        rng={"cpu": rng}, metrics={"test": {"loss": 1.5}}))
     return path, cfg, model, opt, rng
 
 
@@ -97,11 +97,11 @@ def test_the_header_describes_the_checkpoint(saved):
     assert header["format"] == ckpt_io.FORMAT and header["format_version"] == ckpt_io.FORMAT_VERSION
     assert header["step"] == 17
     assert header["config"] == cfg.to_dict()
-    assert header["metrics"] == {"test": {"loss": 1.5}} and header["extra"] == {"best": 2.0}
+    assert header["metrics"] == {"test": {"loss": 1.5}}
     assert {"vaedraw", "torch", "safetensors", "numpy", "python"} <= set(header["versions"])
     assert header["versions"]["torch"] == torch.__version__
     ckpt = ckpt_io.load(path)
-    assert ckpt.config == cfg and ckpt.step == 17 and ckpt.extra == {"best": 2.0}
+    assert ckpt.config == cfg and ckpt.step == 17
     # every tensor sits under a known prefix
     with safe_open(str(path), framework="pt") as f:
         assert {k.split("/")[0] for k in f.keys()} == {"model", "optim", "rng"}
@@ -196,7 +196,13 @@ def test_a_tampered_config_that_disagrees_with_the_weights_is_refused(saved):
     assert ckpt.config.model.latent_dim == 5
     with pytest.raises(CheckpointError, match="do not match"):  # ... but not for these weights
         ckpt_io.model_from_checkpoint(ckpt, path)
-    _rewrite_header(path, lambda h: h["config"]["model"].update(latent_dim=3, arch="seed"))
+    def to_seed(h):  # the seed architecture, without the conv architecture's own options
+        model = h["config"]["model"]
+        for key in ("conv", "channels", "hidden"):
+            model.pop(key, None)
+        model.update(latent_dim=3, arch="seed")
+
+    _rewrite_header(path, to_seed)
     with pytest.raises(CheckpointError, match="do not match"):
         ckpt_io.model_from_checkpoint(ckpt_io.load(path), path)
 
@@ -264,3 +270,60 @@ def test_atomic_write_gives_the_file_the_usual_mode(tmp_path):
     path = tmp_path / "config.json"
     atomic_write_text(path, "{}")
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda h: h.update(step=-1), "step -1"),
+    (lambda h: h.update(step=2.5), "step 2.5"),
+    (lambda h: h.update(step=True), "step True"),
+    (lambda h: h.update(image_shape=[1, 28]), "image shape"),
+    (lambda h: h.update(image_shape=[0, 28, 28]), "image shape"),
+], ids=["negative step", "fractional step", "boolean step", "two-number image shape", "zero channels"])
+def test_a_header_with_impossible_numbers_is_refused(saved, change, words):
+    path = saved[0]
+    _rewrite_header(path, change)
+    with pytest.raises(CheckpointError, match=words):
+        ckpt_io.load(path)
+
+
+@pytest.mark.parametrize("prefix", ["model/", "optim/"])
+def test_non_finite_weights_or_moments_are_refused(saved, prefix):
+    path = saved[0]
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    name = next(k for k, v in tensors.items() if k.startswith(prefix) and v.is_floating_point() and v.numel() > 1)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[-1] = float("inf")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        ckpt_io.load(path)
+
+
+def test_shapes_are_checked_before_any_network_is_built(saved, monkeypatch):
+    """A header describing a huge network is refused from the shapes alone: no weights are allocated."""
+    path = saved[0]
+    _rewrite_header(path, lambda h: h["config"]["model"].update(latent_dim=5))
+    ckpt = ckpt_io.load(path)
+    built = []
+    real_build = ckpt_io.build_model
+
+    def spy(cfg, shape):
+        built.append(torch.empty(0).device.type)  # the device new tensors are created on
+        return real_build(cfg, shape)
+
+    monkeypatch.setattr(ckpt_io, "build_model", spy)
+    with pytest.raises(CheckpointError, match="do not match"):
+        ckpt_io.model_from_checkpoint(ckpt, path)
+    assert built == ["meta"]  # only the shape skeleton was built
+    monkeypatch.setattr(ckpt_io, "MAX_PARAMETERS", 1000)
+    with pytest.raises(CheckpointError, match="parameters, more than"):
+        ckpt_io.model_from_checkpoint(ckpt_io.load(saved[0]), path)
+
+
+def test_a_checkpoint_without_an_image_shape_loads_as_28x28(saved):
+    path = saved[0]
+    _rewrite_header(path, lambda h: h.pop("image_shape", None))
+    ckpt = ckpt_io.load(path)
+    assert ckpt.image_shape is None
+    assert tuple(ckpt_io.model_from_checkpoint(ckpt, path).image_shape) == (1, 28, 28)

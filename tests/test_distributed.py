@@ -9,14 +9,18 @@ for: bfloat16 rounds the half-batches' activations differently, which Adam's fir
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 from vaedraw import distributed
 from vaedraw.checkpoint import load as load_checkpoint
 from vaedraw.config import apply_overrides, preset
+from vaedraw.models import build_model
 from vaedraw.train import Batcher, train
 
 SETS = {"model.channels": 4, "model.hidden": 16, "model.latent_dim": 4, "model.dropout": 0.2,
@@ -41,11 +45,13 @@ def test_two_processes_match_one(mnist_dir, tmp_path):
     a = load_checkpoint(one / "checkpoint.safetensors")
     b = load_checkpoint(two / "checkpoint.safetensors")
     assert a.step == b.step == 4
-    moved = 0
+    torch.manual_seed(cfg.train.seed)  # the initial weights both runs started from (same draws as training's)
+    init = build_model(cfg.model).state_dict()
+    assert a.model_state.keys() == b.model_state.keys() == init.keys()
     for k, v in a.model_state.items():
-        torch.testing.assert_close(b.model_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
-        moved += int(not torch.equal(v, torch.zeros_like(v)))
-    assert moved > 0
+        torch.testing.assert_close(b.model_state[k], v, rtol=1e-4, atol=1e-5, msg=k)  # the two runs agree
+        assert not torch.equal(b.model_state[k], init[k]), k  # and every weight trained away from its start
+        assert (b.model_state[k] - init[k]).abs().max() > 1e-5, k
     # rank 0 alone wrote the run: one metrics line per log point, not one per process
     rows = (two / "metrics.jsonl").read_text().splitlines()
     assert len([r for r in rows if '"train"' in r]) == 2
@@ -70,3 +76,44 @@ def test_single_process_context_without_torchrun(monkeypatch):
     cmd = distributed.torchrun_command(3, ["train", "--steps", "2"])
     assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[-3:] == ["train", "--steps", "2"]
     assert sys.executable == cmd[0]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc), children before grandchildren."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        out += frontier
+    return out
+
+
+def test_a_killed_worker_ends_in_one_line_naming_it(mnist_dir, tmp_path):
+    env = {**os.environ, "VAEDRAW_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    sets = {**SETS, "train.steps": 1_000_000, "train.checkpoint_every": 2}
+    proc = subprocess.Popen([sys.executable, "-m", "vaedraw", "train", "--nproc", "2", "--device", "cpu",
+                             "--data-dir", str(mnist_dir), "--no-progress", "--out", str(out),
+                             *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    workers = [p for p in _descendants(proc.pid) if b"vaedraw" in Path(f"/proc/{p}/cmdline").read_bytes()
+               and b"torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 9, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and "error" not in "".join(lines[:-1]), err[-3000:]
+    assert lines[-1].startswith("vaedraw: error: worker ") and "of 2 was killed by SIGKILL" in lines[-1]
+    assert f"vaedraw train --device cpu --data-dir {mnist_dir}" in lines[-1]
+    assert lines[-1].endswith("--resume --nproc 2")

@@ -19,10 +19,11 @@ from vaedraw.evaluate import (
 )
 from vaedraw import evaluate
 from vaedraw.models import build_model
-from vaedraw.objectives import iwae_bound, iwae_log_weights, log_normal, log_px, log_standard_normal
+from vaedraw.objectives import iwae_bound, log_normal, log_px, log_standard_normal
 from vaedraw.sample import GMM_NAME, GaussianMixture
 
-TINY = {"model.channels": 8, "model.hidden": 32, "model.latent_dim": 4, "train.steps": 40, "train.batch_size": 32,
+TINY = {"model.conv.channels": 8, "model.conv.hidden": 32, "model.latent_dim": 4, "train.steps": 40,
+        "train.batch_size": 32,
         "train.log_every": 20, "train.eval_every": 40, "train.picture_every": 40, "train.checkpoint_every": 40,
         "train.eval_images": 200, "sample.gmm_components": 3}
 
@@ -63,15 +64,15 @@ def batch(mnist_dir):
 
 def _model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(build_config("default", overrides={"model.latent_dim": 4, "model.channels": 8,
-                                                          "model.hidden": 32}).model).eval()
+    return build_model(build_config("default", overrides={"model.latent_dim": 4, "model.conv.channels": 8,
+                                                          "model.conv.hidden": 32}).model).eval()
 
 
 # ----------------------------------------------------------------------------- likelihood
 @torch.no_grad()
 def test_iwae_with_one_sample_is_the_one_sample_elbo_for_the_same_noise(batch):
     model = _model()
-    log_w = iwae_log_weights(model, batch, 1, "bernoulli", generator=torch.Generator().manual_seed(7))
+    log_w = model.log_weights(batch, None, 1, generator=torch.Generator().manual_seed(7))
     mu, logvar = model.encode(batch)
     eps = torch.randn(1, *mu.shape, generator=torch.Generator().manual_seed(7))
     z = (mu + torch.exp(0.5 * logvar) * eps)[0]
@@ -84,8 +85,8 @@ def test_iwae_with_one_sample_is_the_one_sample_elbo_for_the_same_noise(batch):
 def test_iwae_k1_mean_matches_the_analytic_kl_elbo(batch):
     model = _model()
     x = batch[:4]
-    draws = iwae(model, x.repeat(500, 1, 1, 1), None, "bernoulli", k=1, seed=1).view(500, 4)
-    analytic = torch.stack([-evaluate.test_loss(model, x, None, "bernoulli", seed=s)["loss"] * torch.ones(())
+    draws = iwae(model, x.repeat(500, 1, 1, 1), None, k=1, seed=1).view(500, 4)
+    analytic = torch.stack([-evaluate.heldout_loss(model, x, None, seed=s)["loss"] * torch.ones(())
                             for s in range(100)])
     # Both estimate the same ELBO (mean over the 4 images); compare within 4 standard errors.
     a, b = draws.mean(1), analytic.double()
@@ -99,7 +100,7 @@ def test_iwae_bound_grows_with_k(batch):
     model = _model()
     means = []
     for k in (1, 10, 100):
-        reps = torch.stack([iwae(model, batch, None, "bernoulli", k=k, seed=r) for r in range(8)])  # [R, B]
+        reps = torch.stack([iwae(model, batch, None, k=k, seed=r) for r in range(8)])  # [R, B]
         means.append(reps.mean().item())
     assert means[0] < means[1] < means[2]
     # and it stays a lower bound of the same quantity: no jump beyond what k=100 adds over k=10
@@ -108,8 +109,8 @@ def test_iwae_bound_grows_with_k(batch):
 
 def test_iwae_is_chunked_without_changing_its_value(batch):
     model = _model()
-    a = iwae(model, batch[:3], None, "bernoulli", k=50, seed=3, max_decodes=10_000)  # all 3 images, one chunk
-    b = iwae(model, batch[:3], None, "bernoulli", k=50, seed=3, max_decodes=50)     # one image at a time
+    a = iwae(model, batch[:3], None, k=50, seed=3, max_decodes=10_000)  # all 3 images, one chunk
+    b = iwae(model, batch[:3], None, k=50, seed=3, max_decodes=50)     # one image at a time
     assert a.shape == b.shape == (3,)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     # Different batching draws different noise, so compare statistically: both near the same value.
@@ -179,7 +180,8 @@ def test_evaluate_run_without_an_evaluator_still_reports_likelihoods(tiny_run, s
 
 
 EVAL_KEYS = {"run_dir", "preset", "dataset", "step", "device", "split", "n_images", "likelihood", "protocol",
-             "elbo", "recon", "kl", "iwae", "iwae_k", "objective", "comparable", "quality_available",
+             "elbo", "recon", "kl", "iwae", "iwae_k", "objective", "comparable", "comparable_reason",
+             "trained_on_subset", "data", "quality_available",
              "quality_note", "evaluator_accuracy", "fd_floor", "samples", "reconstructions", "seconds"}
 QUALITY_KEYS = {"n", "fd", "recognizable", "coverage_bits", "min_class_share", "max_class_share", "class_shares"}
 
@@ -253,4 +255,149 @@ def test_a_run_without_its_mixture_falls_back_to_the_prior_and_refuses_gmm_early
     res = evaluate_run(run, iwae_k=2, n_samples=50, data_dir=small_mnist, n_images=20)
     assert res["samples"]["sampler"] == "prior"
     with pytest.raises(VaedrawError, match="fit-gmm"):
-        evaluate_run(run, iwae_k=10 ** 9, sampler="gmm", data_dir=small_mnist)  # refused before the IWAE work
+        # refused before the IWAE work
+        evaluate_run(run, iwae_k=evaluate.MAX_IWAE_K, sampler="gmm", data_dir=small_mnist)
+
+
+# ----------------------------------------------------------------------------- bounds, progress, provenance
+def test_eval_refuses_huge_k_and_sample_counts_before_any_work(tiny_run, tmp_path, capsys):
+    from vaedraw.errors import VaedrawError
+
+    run = load_run(tiny_run, "cpu")
+    missing = tmp_path / "no-data-here"  # loading data first would fail differently
+    with pytest.raises(VaedrawError, match="--iwae-k must be between 1 and 100,000"):
+        evaluate_run(run, iwae_k=10 ** 9, data_dir=missing)
+    with pytest.raises(VaedrawError, match="--n-samples must be between 1 and 1,000,000"):
+        evaluate_run(run, iwae_k=10, n_samples=10 ** 7, data_dir=missing)
+    with pytest.raises(SystemExit) as e:  # the command line refuses it while parsing
+        main(["eval", str(tiny_run), "--iwae-k", str(10 ** 9), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--iwae-k" in err and "Traceback" not in err
+
+
+def test_progress_off_a_terminal_prints_a_line_about_every_tenth():
+    import io
+
+    out = io.StringIO()
+    bar = evaluate.Progress(250, "IWAE bound, k=10", "images", file=out)
+    for _ in range(50):
+        bar.update(5)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in out.getvalue()
+    assert lines[0].startswith("vaedraw eval: IWAE bound, k=10: 25/250 images (10%)") and "left" in lines[0]
+    assert "250/250 images (100%)" in lines[-1] and "left" not in lines[-1]
+    quiet = io.StringIO()
+    bar = evaluate.Progress(10, "x", "images", enabled=False, file=quiet)
+    bar.update(10)
+    assert quiet.getvalue() == ""
+
+
+def _recorded_run(tiny_run, small_mnist, **train_changes):
+    """The tiny run with the data record training writes (the small folder's provenance), changed as asked."""
+    run = load_run(tiny_run, "cpu")
+    train, test = (data_mod.load_split("mnist", s, small_mnist, progress=False) for s in ("train", "test"))
+    run.data_source = {"train": {**train.provenance, **train_changes}, "test": dict(test.provenance)}
+    return run
+
+
+def test_evaluation_uses_the_recorded_data_and_marks_overlap_never_comparable(tiny_run, small_mnist, monkeypatch,
+                                                                              capsys, tmp_path):
+    from vaedraw.errors import DataError
+
+    run = _recorded_run(tiny_run, small_mnist)
+    res = evaluate_run(run, iwae_k=2, n_samples=50, n_images=20, progress=False)  # no --data-dir: the record says
+    assert res["comparable"] is True and res["comparable_reason"] is None
+    assert res["trained_on_subset"] is False and res["data"]["eval"]["path"] == str(small_mnist)
+    assert res["data"]["train"] == run.data_source["train"]
+    with pytest.raises(DataError):  # other files than the run recorded are refused, not scored
+        evaluate_run(run, iwae_k=2, n_samples=50, n_images=20, progress=False, data_dir=tmp_path)
+    res = evaluate_run(run, split="train", iwae_k=2, n_samples=50, n_images=20, progress=False)
+    assert res["comparable"] is False and "training split" in res["comparable_reason"]
+    assert "warning: these figures are not comparable" in capsys.readouterr().err
+    # a trained-on set whose images may be among the evaluation images (e.g. full MNIST vs the subset's test part)
+    monkeypatch.setattr(data_mod, "overlaps", lambda train, ev: True)
+    res = evaluate_run(run, iwae_k=2, n_samples=50, n_images=20, progress=False)
+    assert res["comparable"] is False and "may include images this run was trained on" in res["comparable_reason"]
+    assert "NOT comparable" in format_report(res)
+    assert "warning: these figures are not comparable" in capsys.readouterr().err
+
+
+def test_a_run_trained_on_the_bundled_subset_says_so(tiny_run, small_mnist):
+    run = _recorded_run(tiny_run, small_mnist, subset=True)
+    res = evaluate_run(run, iwae_k=2, n_samples=50, n_images=20, progress=False)
+    assert res["trained_on_subset"] is True and "bundled subset" in format_report(res)
+
+
+def test_a_damaged_data_record_is_refused_naming_the_file(tiny_run, tmp_path):
+    import shutil
+
+    from vaedraw.errors import CheckpointError
+
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(tiny_run, run_dir)
+    for text in ("{not json", '{"train": 1}', "[]"):
+        (run_dir / "data.json").write_text(text)
+        with pytest.raises(CheckpointError, match="data.json"):
+            load_run(run_dir, "cpu")
+    (run_dir / "data.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match="data.json"):
+        load_run(run_dir, "cpu")
+
+
+def _write_mixture(path, **tensors):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("nan", "non-finite"), ("negative", "not a distribution"), ("sum", "not a distribution"),
+    ("shapes", "inconsistent shapes"), ("huge", "beyond what vaedraw fits"), ("missing", "lacks"),
+    ("int", "floating-point"), ("labels", "class indices"), ("garbage", "not a readable mixture"),
+])
+def test_a_bad_mixture_file_is_refused_naming_it(tmp_path, case, match):
+    from vaedraw.errors import CheckpointError
+
+    k, d = 3, 2
+    t = {"weights": torch.full((k,), 1 / k), "means": torch.zeros(k, d), "scale_tril": torch.eye(d).repeat(k, 1, 1)}
+    path = tmp_path / "gmm.safetensors"
+    _write_mixture(path, **t)
+    assert GaussianMixture.load(path).means.shape == (k, d)  # the well-formed file loads
+    if case == "nan":
+        t["means"][1, 0] = float("nan")
+    elif case == "negative":
+        t["weights"] = torch.tensor([1.5, -0.25, -0.25])
+    elif case == "sum":
+        t["weights"] = torch.tensor([0.5, 0.2, 0.2])
+    elif case == "shapes":
+        t["scale_tril"] = torch.eye(d + 1).repeat(k, 1, 1)
+    elif case == "huge":
+        t = {"weights": torch.full((20_000,), 1 / 20_000), "means": torch.zeros(20_000, 1),
+             "scale_tril": torch.ones(20_000, 1, 1)}
+    elif case == "missing":
+        del t["scale_tril"]
+    elif case == "int":
+        t["means"] = torch.zeros(k, d, dtype=torch.int64)
+    elif case == "labels":
+        t["labels"] = torch.tensor([0.0, 1.0, 2.0])
+    if case == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    else:
+        _write_mixture(path, **t)
+    with pytest.raises(CheckpointError, match=match) as e:
+        GaussianMixture.load(path)
+    assert str(path) in str(e.value) and "fit-gmm" in str(e.value)
+
+
+def test_a_run_without_a_data_record_is_not_comparable_on_the_bundled_subset(tiny_run, small_mnist):
+    import dataclasses
+
+    run = load_run(tiny_run, "cpu")
+    run.data_source = None  # saved before runs recorded their data
+    part = data_mod.load_split("mnist", "test", small_mnist, progress=False)
+    assert evaluate._comparability(run, "test", part, "bernoulli") == (True, None)
+    part = dataclasses.replace(part, provenance={**part.provenance, "source": "bundled", "subset": True})
+    comparable, reason = evaluate._comparability(run, "test", part, "bernoulli")
+    assert comparable is False and "recorded no training data" in reason

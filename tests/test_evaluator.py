@@ -10,7 +10,7 @@ import torch
 
 from vaedraw import data as data_mod
 from vaedraw.errors import VaedrawError
-from vaedraw.evaluate import as_float
+from vaedraw.data import to_float as as_float
 from vaedraw.evaluator import FEATURES, load_evaluator, weights_path
 
 
@@ -22,9 +22,9 @@ def test_the_mnist_evaluator_is_shipped_small_and_described():
     assert {"script_version", "seed", "epochs", "storage"} <= set(ev.metadata)
 
 
-def test_the_evaluator_classifies_real_test_digits_at_its_recorded_accuracy(mnist_dir):
+def test_the_evaluator_classifies_real_test_digits_at_its_recorded_accuracy(full_mnist_dir):
     ev = load_evaluator("mnist")
-    test = data_mod.load_split("mnist", "test", mnist_dir, progress=False)
+    test = data_mod.load_split("mnist", "test", full_mnist_dir, progress=False)
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(3))[:2000]
     x, y = as_float(test.images[idx]), test.labels[idx]
     p = ev.predict_proba(x)

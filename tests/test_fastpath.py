@@ -12,7 +12,7 @@ from vaedraw import fastpath
 from vaedraw.checkpoint import load as load_checkpoint
 from vaedraw.config import apply_overrides, preset
 from vaedraw.models import SameCrop, build_model
-from vaedraw.train import make_optimizer, train, train_step
+from vaedraw.train import train
 
 
 def test_flipped_conv_transpose_is_exact_in_value_and_gradient():
@@ -64,6 +64,11 @@ def test_choose_plan_follows_the_table_and_the_flags():
     assert cuda.cuda_graph and not cuda.keep_memory
     assert not fastpath.choose_plan(preset("seed").train, "seed", torch.device("cuda"), distributed=True).cuda_graph
     assert not fastpath.choose_plan(preset("default").train, "conv", cpu).conv_as_conv
+    assert "no fast-path row" not in fastpath.choose_plan(preset("default").train, "conv", cpu).describe()
+    # an architecture with no row says so in the plan that training announces
+    unknown = fastpath.choose_plan(preset("default").train, "newarch", cpu)
+    assert "no fast-path row for" in unknown.describe() and "newarch" in unknown.describe()
+    assert unknown.precision == "fp32" and not unknown.compile and not unknown.channels_last
 
 
 def test_noise_rows_of_all_processes_make_the_single_process_draw():
@@ -125,8 +130,19 @@ def _noise_free(name: str):
     cfg = preset(name)
     apply_overrides(cfg, {"model.dropout": 0.0, "data.binarize": "none", "model.likelihood": "gaussian"})
     if name == "default":
-        apply_overrides(cfg, {"model.channels": 8, "model.hidden": 32})
+        apply_overrides(cfg, {"model.conv.channels": 8, "model.conv.hidden": 32})
     return cfg
+
+
+def _plain_step(model, opt, x, cfg) -> torch.Tensor:
+    """The textbook step: the model's terms with eps from the global RNG, batch means, backward, foreach Adam."""
+    opt.zero_grad(set_to_none=True)
+    recon, kl, _ = model.elbo_terms(x, None, torch.randn_like)
+    recon, kl = recon.mean(), kl.mean()
+    loss = recon + kl
+    loss.backward()
+    opt.step()
+    return torch.stack([loss, recon, kl]).detach()
 
 
 @pytest.mark.parametrize("name", ["default", "seed"])
@@ -140,11 +156,12 @@ def test_fp32_fast_step_follows_the_plain_step(name):
     plan = fastpath.Plan(channels_last=True, conv_as_conv=name == "seed")
     fastpath.prepare_model(fast, plan, fastpath.Noise())
     step = fastpath.FastStep(fast, fastpath.make_optimizer(fast, cfg, torch.device("cpu"), plan), cfg, plan)
-    opt = make_optimizer(plain, cfg, torch.device("cpu"))
+    t = cfg.train
+    opt = torch.optim.Adam(plain.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
     x = torch.rand(8, 1, 28, 28)
     for _ in range(3):
         torch.manual_seed(1)
-        ref = train_step(plain, opt, x, None, cfg)
+        ref = _plain_step(plain, opt, x, cfg)
         torch.manual_seed(1)  # the same eps for both (randn of mu's shape)
         out = step(x, None, cfg.train.lr)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
@@ -186,7 +203,8 @@ def test_optimizer_state_keeps_a_tensor_lr_as_a_float():
 
 def _tiny(steps: int):
     cfg = preset("default")
-    apply_overrides(cfg, {"model.channels": 4, "model.hidden": 16, "model.latent_dim": 4, "model.dropout": 0.1,
+    apply_overrides(cfg, {"model.conv.channels": 4, "model.conv.hidden": 16, "model.latent_dim": 4,
+                          "model.dropout": 0.1,
                           "train.steps": steps, "train.batch_size": 32, "train.log_every": 2,
                           "train.lr_schedule": "constant",  # a shorter first run is then a run stopped early
                           "train.eval_every": 1000, "train.picture_every": 1000, "train.checkpoint_every": 3,

@@ -35,6 +35,7 @@ from vaedraw import checkpoint as ckpt_io
 from vaedraw import data, fastpath
 from vaedraw.cli import main
 from vaedraw.config import build_config
+from vaedraw import errors
 from vaedraw.errors import CheckpointError, DataError, VaedrawError
 from vaedraw.plots import read_metrics
 from vaedraw.run import load_run
@@ -43,6 +44,7 @@ from vaedraw.train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parent.parent
 train_mod = importlib.import_module("vaedraw.train")  # the module (the package exports the function)
+rundir_mod = importlib.import_module("vaedraw.rundir")
 # A model and budgets small enough for a step to take a millisecond.
 SMALL = {"model.channels": "4", "model.hidden": "16", "model.latent_dim": "4", "train.batch_size": "16",
          "train.eval_images": "64", "sample.fit_gmm": "false", "sample.sampler": "prior", "train.compile": "off",
@@ -118,12 +120,8 @@ class _StallsMidFile(QuietHandler):
 
 
 @pytest.fixture
-def labels_dir(mnist_dir: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "mirror"
-    folder.mkdir()
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        (folder / name).write_bytes((mnist_dir / name).read_bytes())
-    return folder
+def labels_dir(official_test_files) -> Path:
+    return official_test_files.folder
 
 
 def test_a_full_disk_while_downloading_stops_at_once_and_leaves_no_partial_file(serve, labels_dir, tmp_path,
@@ -151,14 +149,15 @@ def test_a_full_disk_while_downloading_stops_at_once_and_leaves_no_partial_file(
         f = real_open(path, mode, *args, **kwargs)
         return FullDisk(f) if "w" in mode else f
 
-    monkeypatch.setattr(data, "open", open_on_a_full_disk, raising=False)
+    monkeypatch.setattr(data.download, "open", open_on_a_full_disk, raising=False)
     monkeypatch.setenv("VAEDRAW_MIRRORS", serve(labels_dir))
     with pytest.raises(DataError, match=r"cannot write to the cache folder .*No space left on device.*VAEDRAW_CACHE_DIR"):
         data.load_split("mnist", "test", progress=False)  # not the bundled subset: the disk, not the network, failed
     assert _no_temp_files(tmp_path / "cache") and not list((tmp_path / "cache" / "mnist").iterdir())
 
 
-def test_a_read_only_cache_is_refused_with_the_fix_and_a_data_dir_still_works(tmp_path, monkeypatch, labels_dir):
+def test_a_read_only_cache_is_refused_with_the_fix_and_a_data_dir_still_works(tmp_path, monkeypatch, labels_dir,
+                                                                             official_test_files):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
@@ -166,7 +165,7 @@ def test_a_read_only_cache_is_refused_with_the_fix_and_a_data_dir_still_works(tm
     monkeypatch.setenv("VAEDRAW_MIRRORS", "http://127.0.0.1:9/")  # never reached: the cache fails first
     with pytest.raises(DataError, match=r"cannot write to the cache folder .*Read-only file system.*--data-dir"):
         data.load_split("mnist", "test", progress=False)
-    assert len(data.load_split("mnist", "test", labels_dir)) == 10_000  # the advice works
+    assert len(data.load_split("mnist", "test", labels_dir)) == official_test_files.n  # the advice works
 
 
 def test_a_mirror_that_stalls_mid_file_times_out_and_the_next_is_used(serve, labels_dir, tmp_path):
@@ -270,12 +269,13 @@ def test_a_full_disk_on_the_metrics_log_is_one_line_with_the_fix(small_mnist, tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "open", metrics_fill_the_disk, raising=False)
+    monkeypatch.setattr(rundir_mod, "open", metrics_fill_the_disk, raising=False)
     out = tmp_path / "run"
     code, err = _cli(["train", "--out", out, "--data-dir", small_mnist, "--device", "cpu", "--no-progress",
                       "--steps", 8, *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]], capsys)
     line = _one_line(err.strip().splitlines()[-1])
-    assert code == 2 and "No space left on device" in line and "metrics.jsonl" in line and "--resume" in line
+    assert code == errors.EXIT_OUTPUT and "No space left on device" in line and "metrics.jsonl" in line
+    assert "--resume" in line
     assert ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step == 3  # saved at 1..3, the log at 4 failed
 
 
@@ -320,8 +320,10 @@ def test_a_signal_saves_a_checkpoint_exits_128_plus_n_and_says_how_to_resume(sig
     assert proc.returncode == 128 + signum, err
     line = _one_line(err.strip().splitlines()[-1])
     step = ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step
-    assert f"{signal.Signals(signum).name} received: saved a checkpoint at step {step}" in line
-    assert f"vaedraw train --out {out} --resume" in line and "Traceback" not in err
+    # not an error: where it stopped, and the exact command that continues it (its data and device included)
+    assert line == (f"vaedraw: stopped at step {step}, checkpoint saved; continue with: vaedraw train --out {out} "
+                    f"--resume --data-dir {small_mnist} --device cpu"), line
+    assert "error" not in err and "Traceback" not in err
     # the resume the message asks for (here with a nearer end) continues from that step
     code, err = _cli(["train", "--out", out, "--resume", "--steps", step + 3, "--no-progress", "--device", "cpu",
                       "--data-dir", small_mnist], capsys)
@@ -388,6 +390,12 @@ def _damage(run: Path, how: str, tmp: Path) -> Path:
             header = json.loads(f.metadata()["vaedraw"])
         if how == "newer format":
             header["format_version"] += 1
+        elif how == "nan weights":
+            name = next(k for k in tensors if k.startswith("model/") and k.endswith("weight"))
+            tensors[name] = tensors[name].clone()
+            tensors[name].view(-1)[0] = float("nan")
+        elif how == "negative step":
+            header["step"] = -3
         elif how == "tampered shapes":
             header["config"]["model"]["latent_dim"] += 1
         save_file(tensors, str(path), metadata={"vaedraw": json.dumps(header)})
@@ -396,9 +404,10 @@ def _damage(run: Path, how: str, tmp: Path) -> Path:
 
 @pytest.mark.parametrize("how, words", [
     ("truncated", "truncated or corrupted"), ("bit-flipped header", "checkpoint"), ("newer format", "upgrade vaedraw"),
-    ("tampered shapes", "do not match"), ("garbage mixture", "vaedraw fit-gmm"),
+    ("tampered shapes", "do not match"), ("garbage mixture", "vaedraw fit-gmm"), ("nan weights", "NaN or infinite"),
+    ("negative step", "step -3"),
 ], ids=lambda v: v if v in ("truncated", "bit-flipped header", "newer format", "tampered shapes",
-                            "garbage mixture") else "")
+                            "garbage mixture", "nan weights", "negative step") else "")
 def test_a_damaged_run_directory_is_one_line_and_nothing_is_written(how, words, tiny_run, tmp_path, capsys):
     bad = _damage(tiny_run, how, tmp_path)
     before = {p: p.read_bytes() for p in bad.rglob("*") if p.is_file()}
@@ -407,7 +416,7 @@ def test_a_damaged_run_directory_is_one_line_and_nothing_is_written(how, words, 
         commands.append(["train", "--out", bad, "--resume", "--steps", 9, "--no-progress", "--device", "cpu"])
     for argv in commands:
         code, err = _cli(argv, capsys)
-        assert code == 2 and words in _one_line(err), (argv[0], err)
+        assert code == errors.EXIT_CHECKPOINT and words in _one_line(err), (argv[0], err)
     assert not (tmp_path / "x.png").exists()
     assert {p: p.read_bytes() for p in bad.rglob("*") if p.is_file()} == before
 
@@ -427,7 +436,7 @@ def test_a_damaged_run_directory_is_one_line_and_nothing_is_written(how, words, 
     (["sample", "{run}", "--temperature", "0"], ["--temperature"]),
     (["sample", "{run}", "--digit", "-1"], ["--digit"]),
     (["sample", "{run}", "--digit", "1,12"], ["--digit", "1,12"]),
-    (["manifold", "{run}", "--digit", "10"], ["--digit", "0-9"]),
+    (["manifold", "{run}", "--digit", "10"], ["--digit", "not conditional"]),
     (["manifold", "{run}", "--grid", "0"], ["--grid"]),
     (["interpolate", "{run}", "--from-index", "-1", "--to-index", "3"], ["out of range"]),
     (["eval", "{run}", "--iwae-k", "0"], ["--iwae-k"]),
@@ -474,9 +483,9 @@ def test_the_real_command_line_refuses_a_pickle_and_bad_options_in_one_line(tiny
         (["sample", evil, "--out", tmp_path / "x.png"], "not a readable safetensors checkpoint"),
         (["sample", tiny_run, "--digit", "3", "--out", tmp_path / "x.png"], "not conditional"),
     ]
-    for argv, words in cases:
+    for (argv, words), status in zip(cases, (errors.EXIT_CHECKPOINT, errors.EXIT_USAGE)):
         proc = _vaedraw(*argv, cwd=tmp_path)
-        assert proc.returncode == 2 and words in _one_line(proc.stderr), proc.stderr
+        assert proc.returncode == status and words in _one_line(proc.stderr), proc.stderr
         assert proc.stdout == ""
     assert not marker.exists() and not (tmp_path / "x.png").exists()
     with pytest.raises(CheckpointError):  # the same refusal from the Python API
@@ -556,3 +565,29 @@ def test_twenty_concurrent_clients_get_no_error(tiny_conditional_run, mnist_dir)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ============================================================================= training: data provenance
+def test_a_resume_uses_the_data_the_run_recorded_or_refuses(small_mnist, mnist_dir, tmp_path, capsys):
+    """Trained with --data-dir: a resume without it finds the same files; other files, or the files gone,
+    are refused with the option that fixes it, and nothing in the run changes."""
+    import shutil
+
+    folder = tmp_path / "digits"
+    shutil.copytree(small_mnist, folder)
+    out = tmp_path / "run"
+    args = ["train", "--out", out, "--device", "cpu", "--no-progress"]
+    assert _cli([*args, "--data-dir", folder, "--steps", 2,
+                 *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]], capsys)[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = _cli([*args, "--resume", "--steps", 4, "--data-dir", mnist_dir], capsys)  # other files
+    assert code == errors.EXIT_DATA and "other train files" in _one_line(err), err
+    folder.rename(tmp_path / "moved")
+    code, err = _cli([*args, "--resume", "--steps", 4], capsys)  # the recorded folder is gone
+    assert code == errors.EXIT_DATA and f"--data-dir {folder}" in _one_line(err), err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "moved").rename(folder)
+    code, err = _cli([*args, "--resume", "--steps", 4], capsys)  # found where it was trained
+    assert code == 0, err
+    assert ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step == 4
+    assert json.loads((out / "data.json").read_text())["train"]["path"] == str(folder)

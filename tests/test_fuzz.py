@@ -1,8 +1,10 @@
-"""Fuzzing with a bounded budget: the IDX parser, the checkpoint reader and the web API's validation.
+"""Fuzzing with a bounded budget: the IDX parser, the checkpoint reader, the web API's validation and the
+command line's checks of devices, output paths and options.
 
 Random and mutated inputs may only ever produce the errors the user is meant to see: DataError from the
-IDX parser, CheckpointError from the checkpoint reader, a 4xx (never a 5xx) from the web API. Each test
-is limited to a fixed number of examples and takes a few seconds.
+IDX parser, CheckpointError from the checkpoint reader, a 4xx (never a 5xx) from the web API, one
+printable line and a documented exit status from the command line. Each test is limited to a fixed
+number of examples and takes a few seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from vaedraw import checkpoint as ckpt_io
 from vaedraw import data
 from vaedraw.config import build_config
-from vaedraw.errors import CheckpointError, DataError
+from vaedraw.errors import CheckpointError, DataError, VaedrawError
 from vaedraw.models import build_model
 
 
@@ -151,3 +153,90 @@ def test_the_fuzzers_reach_the_success_paths(client, tmp_path):
     path.write_bytes(_VALID[2])
     assert data.read_idx(path).shape == (3, 28, 28)
     assert torch.equal(torch.from_numpy(data.read_idx(path)), torch.arange(3 * 28 * 28).reshape(3, 28, 28) % 256)
+
+
+# ----------------------------------------------------------------------------- command line
+_NAMES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=12)
+
+
+@FAST
+@given(name=st.one_of(st.text(max_size=12), st.sampled_from(["cuda:1", "cuda:99", "cpu:0", "mps", "meta", "xla",
+                                                             "cuda:-1", "CUDA", " cpu ", "cuda:0x1", "vulkan"])))
+def test_the_device_check_only_accepts_devices_that_exist(name):
+    from vaedraw.run import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except VaedrawError as e:
+        assert "\n" not in str(e)
+        return
+    assert device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available()
+                                    and (device.index or 0) < torch.cuda.device_count())
+
+
+@FAST
+@given(name=_NAMES, raw=st.binary(min_size=1, max_size=6), kind=st.sampled_from([".png", ".gif", ".npz"]),
+       make=st.sampled_from(["nothing", "file", "folder", "link", "fifo"]))
+def test_the_output_check_refuses_in_one_printable_line_or_returns_the_path(tmp_path_factory, name, raw, kind, make):
+    import os
+
+    from vaedraw.outputs import check_output
+
+    folder = tmp_path_factory.mktemp("out")
+    raw = raw.replace(b"/", b"_").replace(b"\x00", b"_")
+    path = folder / (name + os.fsdecode(raw) + kind) if len(name) < 6 else folder / name
+    try:
+        if make == "file":
+            path.write_bytes(b"old")
+        elif make == "folder":
+            path.mkdir()
+        elif make == "link":
+            path.symlink_to(folder / "elsewhere")
+        elif make == "fifo":
+            os.mkfifo(path)
+    except OSError:  # a name the file system itself refuses (too long, ...)
+        return
+    try:
+        got = check_output(path, (kind,))
+    except VaedrawError as e:
+        message = str(e)
+        message.encode("utf-8")  # printable: no lone surrogates
+        assert "\n" not in message and message.isprintable()
+        assert make in ("folder", "link", "fifo") or not path.name.lower().endswith(kind)
+        return
+    assert got == path and make in ("nothing", "file") and path.name.lower().endswith(kind)
+
+
+_TOKENS = st.sampled_from(["-n", "--out", "--npz", "--seed", "--sampler", "--temperature", "--digit", "--device",
+                           "gmm", "prior", "all", "1,2", "-1", "0", "1e308", "nan", "x.png", "x.jpg", "y.npz",
+                           "cpu", "mps", "cuda:7", "999999999999999999999", "--components", "--iwae-k", "",
+                           "--grid", "--gif", "x.gif", "--method", "tsne", "--from-index", "--to-digit"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["sample", "reconstruct", "eval", "fit-gmm", "interpolate", "latent-map",
+                                 "manifold"]),
+       tokens=st.lists(st.one_of(_TOKENS, st.text(max_size=6)), max_size=6))
+def test_random_command_lines_end_in_one_line_and_a_documented_status(tmp_path_factory, capsys, command, tokens):
+    """A run directory that does not exist: nothing may be written, whatever the options say."""
+    import os
+
+    from vaedraw.cli import main
+
+    folder = tmp_path_factory.mktemp("cli")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        try:
+            code = main([command, str(folder / "no_run"), *tokens])
+        except SystemExit as e:
+            code = e.code
+    finally:
+        os.chdir(cwd)
+    out, err = capsys.readouterr()
+    assert code in (0, 2, 5, 6), (tokens, err)
+    if code:
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (tokens, err)
+    else:
+        assert "usage" in out  # only --help / -h succeed without a run
+    assert list(folder.iterdir()) == []

@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaedraw.config import ModelConfig, build_config
+from vaedraw import fastpath, models
+from vaedraw.config import ConvOptions, ModelConfig, build_config
 from vaedraw.errors import ConfigError
 from vaedraw.models import ConvVAE, SameCrop, SamePad, SeedVAE, build_model, count_parameters
+from vaedraw.objectives import kl_to_standard_normal, reconstruction_loss
+
+from toy_arch import ToyVAE
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +229,8 @@ def test_forward_reparameterizes_around_the_mean(seed_model):
 @pytest.mark.parametrize("latent_dim,channels,hidden", [(2, 4, 16), (16, 8, 32)])
 def test_conv_model_shapes(latent_dim, channels, hidden):
     torch.manual_seed(0)
-    m = build_model(ModelConfig(arch="conv", latent_dim=latent_dim, channels=channels, hidden=hidden)).eval()
+    conv = ConvOptions(channels=channels, hidden=hidden)
+    m = build_model(ModelConfig(arch="conv", latent_dim=latent_dim, conv=conv)).eval()
     assert isinstance(m, ConvVAE) and m.latent_dim == latent_dim and m.n_classes == 0
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
@@ -239,7 +244,7 @@ def test_conv_model_shapes(latent_dim, channels, hidden):
 
 def test_conditional_model_depends_on_the_label():
     torch.manual_seed(0)
-    m = build_model(ModelConfig(arch="conv", latent_dim=4, channels=4, hidden=16, n_classes=10)).eval()
+    m = build_model(ModelConfig(arch="conv", latent_dim=4, conv=ConvOptions(4, 16), n_classes=10)).eval()
     assert m.n_classes == 10
     x, z = torch.rand(3, 1, 28, 28), torch.randn(3, 4)
     y0, y1 = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
@@ -257,7 +262,7 @@ def test_conditional_model_depends_on_the_label():
 
 def test_unconditional_model_ignores_labels():
     torch.manual_seed(0)
-    m = build_model(ModelConfig(arch="conv", latent_dim=4, channels=4, hidden=16)).eval()
+    m = build_model(ModelConfig(arch="conv", latent_dim=4, conv=ConvOptions(channels=4, hidden=16))).eval()
     z = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.equal(m.decode(z), m.decode(z, torch.tensor([3, 4])))
@@ -266,3 +271,161 @@ def test_unconditional_model_ignores_labels():
 def test_build_model_with_an_unknown_arch_is_a_config_error():
     with pytest.raises(ConfigError, match="model.arch"):
         build_model(ModelConfig(arch="mlp"))
+
+
+# ----------------------------------------------------------------------------- shapes from the data
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 16, 24), (2, 8, 8)])
+def test_conv_model_is_built_for_the_data_shape(shape):
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(arch="conv", latent_dim=3, conv=ConvOptions(channels=4, hidden=16)), shape).eval()
+    assert m.image_shape == shape
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        logits = m.decode(mu)
+    assert mu.shape == logvar.shape == (2, 3) and logits.shape == (2, *shape)
+
+
+def test_the_default_model_keeps_its_size_on_mnist():
+    m = build_model(build_config("default").model, (1, 28, 28))
+    assert count_parameters(m) == 1_688_289 and m.image_shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("shape,match", [((1, 30, 30), "multiples of 4"), ((1, 28), "image shape"),
+                                         ((0, 28, 28), "image shape"), ((1, 10 ** 6, 28), "image shape")])
+def test_conv_model_refuses_shapes_it_cannot_halve_twice(shape, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(ModelConfig(arch="conv", latent_dim=3, conv=ConvOptions(channels=4, hidden=16)), shape)
+
+
+def test_the_seed_network_refuses_any_other_image_shape():
+    with pytest.raises(ConfigError, match="1x28x28"):
+        build_model(build_config("seed").model, (3, 32, 32))
+    assert build_model(build_config("seed").model, (1, 28, 28)).image_shape == (1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- the objective a model owns
+def _tiny_conv(**kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch="conv", latent_dim=3, conv=ConvOptions(4, 16), **kw)).eval()
+
+
+def test_elbo_terms_use_the_callers_noise_per_image():
+    m = _tiny_conv()
+    x = torch.rand(5, 1, 28, 28)
+    eps = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        recon, kl, logits = m.elbo_terms(x, None, lambda t: eps)
+        mu, logvar = m.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        expected_logits = m.decode(z)
+    assert recon.shape == kl.shape == (5,) and logits.shape == (5, 1, 28, 28)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+    torch.testing.assert_close(recon, reconstruction_loss(x, expected_logits, "bernoulli"), rtol=0, atol=0)
+    torch.testing.assert_close(kl, kl_to_standard_normal(mu, logvar), rtol=0, atol=0)
+    with torch.no_grad():  # zero noise decodes the mean: the terms then differ from a noisy draw
+        recon0, _, logits0 = m.elbo_terms(x, None, torch.zeros_like)
+        torch.testing.assert_close(logits0, m.decode(mu), rtol=0, atol=0)
+    assert not torch.equal(recon0, recon)
+
+
+def test_log_weights_have_one_row_per_sample_and_follow_the_generator():
+    m = _tiny_conv()
+    x = torch.bernoulli(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        a = m.log_weights(x, None, 7, generator=torch.Generator().manual_seed(3), chunk=3)
+        b = m.log_weights(x, None, 7, generator=torch.Generator().manual_seed(3), chunk=3)
+        c = m.log_weights(x, None, 7, generator=torch.Generator().manual_seed(4), chunk=3)
+    assert a.shape == (7, 4) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_prior_codes_are_standard_normal_scaled_by_the_temperature():
+    m = _tiny_conv()
+    z = m.prior_codes(20000, 0.5, torch.Generator().manual_seed(0))
+    assert z.shape == (20000, m.code_dim) and m.code_dim == m.latent_dim == 3
+    assert abs(z.std().item() - 0.5) < 0.01 and abs(z.mean().item()) < 0.01
+    assert torch.equal(m.prior_codes(4, 0.0, torch.Generator().manual_seed(0)), torch.zeros(4, 3))
+
+
+# ----------------------------------------------------------------------------- adding a model
+@pytest.fixture
+def toy_registered(monkeypatch):
+    monkeypatch.setitem(models.ARCHS, "toy", ToyVAE)  # the one registry line of "add a model"
+    return ModelConfig(arch="toy", latent_dim=2, dropout=0.1)
+
+
+def test_a_toy_architecture_in_one_file_trains_and_evaluates(toy_registered):
+    from vaedraw.evaluate import heldout_loss, iwae
+    from vaedraw.run import Run
+    from vaedraw.sample import decode_means, encode_means
+
+    cfg = build_config("default", overrides={"train.batch_size": 16})
+    cfg.model = toy_registered
+    torch.manual_seed(0)
+    model = build_model(cfg.model, (1, 8, 12))
+    assert isinstance(model, ToyVAE) and model.image_shape == (1, 8, 12)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = fastpath.choose_plan(cfg.train, "toy", torch.device("cpu"))
+    assert "no fast-path row" in plan.describe()
+    fastpath.prepare_model(model, plan, fastpath.Noise())
+    step = fastpath.FastStep(model, fastpath.make_optimizer(model, cfg, torch.device("cpu"), plan), cfg, plan)
+    x = torch.rand(16, 1, 8, 12)
+    stats = [step(x, None, 1e-2) for _ in range(5)]
+    assert stats[-1][0] < stats[0][0]  # the loss goes down on a fixed batch
+    for k, v in model.state_dict().items():
+        assert not torch.equal(v, init[k]), k  # every weight moved
+    model.eval()
+    xb = torch.bernoulli(x)
+    ev = heldout_loss(model, xb, None)
+    assert ev["loss"] == pytest.approx(ev["recon"] + ev["kl"]) and ev["kl"] > 0
+    assert iwae(model, xb, None, k=8).shape == (16,)
+    codes = encode_means(model, (x[:, 0] * 255).to(torch.uint8))
+    assert codes.shape == (16, 2)
+    assert decode_means(model, codes).shape == (16, 1, 8, 12)
+    run = Run(run_dir=None, config=cfg, model=model, step=0, metrics={})
+    assert run.image_shape == (1, 8, 12) and run.latent_dim == 2 and run.n_classes == 0 and run.data_source is None
+    assert run.sample(5, sampler="prior", seed=0).shape == (5, 1, 8, 12)
+    assert run.reconstruct(x[:3]).shape == (3, 1, 8, 12)
+
+
+def test_a_toy_architecture_runs_through_the_real_training_loop(toy_registered, mnist_dir, tmp_path, capsys):
+    from vaedraw.run import load_run
+    from vaedraw.train import train
+
+    cfg = build_config("default", overrides={
+        "model.arch": "toy", "model.latent_dim": 2, "train.steps": 4, "train.batch_size": 16, "train.eval_images": 50,
+        "train.log_every": 2, "train.eval_every": 2, "train.picture_every": 2, "train.checkpoint_every": 2,
+        "sample.fit_gmm": False, "sample.sampler": "prior"})
+    out = train(cfg, tmp_path / "toy", device="cpu", data_dir=mnist_dir, progress=False, argv=["test"])
+    assert "no fast-path row for" in capsys.readouterr().err
+    run = load_run(out, "cpu")
+    assert isinstance(run.model, ToyVAE) and run.image_shape == (1, 28, 28) and run.step == 4
+    assert run.sample(3, seed=0).shape == (3, 1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- checkpoints remember the shape
+def test_checkpoints_rebuild_the_model_for_its_image_shape(tmp_path):
+    from vaedraw import checkpoint as ckpt_io
+    from vaedraw.errors import CheckpointError
+
+    cfg = build_config("default", overrides={"model.latent_dim": 3, "model.conv.channels": 4, "model.conv.hidden": 16})
+    torch.manual_seed(0)
+    colour = build_model(cfg.model, (3, 32, 32))
+    path = tmp_path / "c.safetensors"
+    ckpt_io.save(path, ckpt_io.Checkpoint(config=cfg, model_state=colour.state_dict(), image_shape=colour.image_shape))
+    assert ckpt_io.read_header(path)["image_shape"] == [3, 32, 32]
+    again = ckpt_io.model_from_checkpoint(ckpt_io.load(path), path)
+    assert again.image_shape == (3, 32, 32)
+    for k, v in colour.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    # a checkpoint saved before shapes were recorded holds a 1x28x28 model
+    grey = build_model(cfg.model)
+    ckpt_io.save(path, ckpt_io.Checkpoint(config=cfg, model_state=grey.state_dict()))
+    assert "image_shape" not in ckpt_io.read_header(path)
+    assert ckpt_io.model_from_checkpoint(ckpt_io.load(path), path).image_shape == (1, 28, 28)
+    for bad in ([3, 30, 32], [1, -28, 28], "28x28", [1, 28]):
+        ckpt = ckpt_io.load(path)
+        ckpt.image_shape = bad
+        with pytest.raises(CheckpointError, match="does not describe a model"):
+            ckpt_io.model_from_checkpoint(ckpt, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -14,14 +15,16 @@ from PIL import Image
 from vaedraw import checkpoint as ckpt_io
 from vaedraw import data
 from vaedraw.config import RunConfig, build_config
-from vaedraw.errors import ConfigError, VaedrawError
+from vaedraw.errors import ConfigError, DataError, VaedrawError
 from vaedraw import evaluate
 from vaedraw.models import build_model
 from vaedraw.plots import read_metrics
 from vaedraw.run import load_run
 from vaedraw.sample import GaussianMixture
-from vaedraw.train import learning_rate, make_optimizer, train, train_step
+from vaedraw import distributed
+from vaedraw.train import learning_rate, train
 
+train_mod = importlib.import_module("vaedraw.train")  # the module (the package exports the function)
 # A model and budgets small enough for a run to take about a second on one core.
 SMALL = {"model.channels": "4", "model.hidden": "16", "model.latent_dim": "4", "train.batch_size": "16",
          "train.eval_images": "100", "sample.fit_gmm": "false", "train.log_every": "2", "train.eval_every": "3",
@@ -40,6 +43,12 @@ def _isolated_cache(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- one step
+def _real_step(cfg, split):
+    """The model and the step exactly as the training loop builds them (fast path, noise, fused Adam)."""
+    model, _, step_fn, _ = train_mod._build(cfg, distributed.Context(), split, None)
+    return model.train(), step_fn
+
+
 @pytest.mark.parametrize("preset,overrides", [
     ("default", {"model.channels": "4", "model.hidden": "16"}),
     ("seed", {}),
@@ -48,12 +57,10 @@ def _isolated_cache(monkeypatch, tmp_path):
 def test_one_training_step_changes_every_weight(preset, overrides, mnist_dir):
     cfg = build_config(preset, overrides=overrides)
     test = data.load_split("mnist", "test", mnist_dir)
-    x, y = test.images[:8].unsqueeze(1).float() / 255, test.labels[:8]
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    x, y = data.to_float(test.images[:8]), test.labels[:8]
+    model, step = _real_step(cfg, test)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, recon, kl = train_step(model, opt, x, y, cfg).tolist()
+    loss, recon, kl = step(x, y, learning_rate(0, cfg)).tolist()
     assert all(math.isfinite(v) for v in (loss, recon, kl))
     assert loss == pytest.approx(recon + kl, rel=1e-5) and kl >= 0
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -64,11 +71,9 @@ def test_steps_on_a_fixed_batch_lower_the_loss(mnist_dir):
     cfg = build_config("default", overrides={"model.channels": "4", "model.hidden": "16",
                                              "data.binarize": "none", "train.lr": "1e-2"})
     test = data.load_split("mnist", "test", mnist_dir)
-    x, y = test.images[:32].unsqueeze(1).float() / 255, test.labels[:32]
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    opt = make_optimizer(model, cfg, torch.device("cpu"))
-    losses = [train_step(model, opt, x, y, cfg)[0].item() for _ in range(30)]
+    x, y = data.to_float(test.images[:32]), test.labels[:32]
+    _, step = _real_step(cfg, test)
+    losses = [step(x, y, cfg.train.lr)[0].item() for _ in range(30)]
     assert losses[-1] < 0.6 * losses[0]
 
 
@@ -80,7 +85,7 @@ def test_a_tiny_run_writes_its_directory(tiny_run, mnist_dir):
 
     cfg = RunConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
     assert (cfg.train.steps, cfg.train.seed, cfg.train.batch_size, cfg.train.eval_images) == (6, 7, 32, 200)
-    assert (cfg.model.channels, cfg.model.hidden, cfg.sample.gmm_components) == (8, 32, 5)
+    assert (cfg.model.conv.channels, cfg.model.conv.hidden, cfg.sample.gmm_components) == (8, 32, 5)
     ckpt = ckpt_io.load(tiny_run / ckpt_io.CHECKPOINT_NAME)
     assert ckpt.config == cfg and ckpt.step == 6
     command = (tiny_run / "command.txt").read_text().splitlines()
@@ -100,7 +105,7 @@ def test_a_tiny_run_writes_its_directory(tiny_run, mnist_dir):
     # the logged test loss is that of the saved model, recomputed here from the checkpoint
     run = load_run(tiny_run, device="cpu")
     test = data.load_split("mnist", "test", mnist_dir)
-    again = evaluate.test_loss(run.model, evaluate.eval_inputs(test.images[:200], True), test.labels[:200], "bernoulli")
+    again = evaluate.heldout_loss(run.model, evaluate.eval_inputs(test.images[:200], True), test.labels[:200])
     assert again["loss"] == pytest.approx(test_rows[-1]["loss"], rel=1e-6)
 
     pictures = sorted(p.name for p in (tiny_run / "pictures").iterdir())
@@ -217,9 +222,129 @@ def test_keep_new_cannot_change_the_network_shape(tiny_run, tmp_path, mnist_dir)
     assert _stored(run) == _stored(tiny_run)
 
 
-def test_epochs_convert_to_steps(tmp_path, mnist_dir):
+def test_epochs_convert_to_steps(tmp_path, full_mnist_dir):
     out = tmp_path / "run"
     # ceil(0.001 * 60000 / 16) = 4 steps
-    train(_cfg(1000), out, device="cpu", data_dir=mnist_dir, progress=False, epochs=0.001)
+    train(_cfg(1000), out, device="cpu", data_dir=full_mnist_dir, progress=False, epochs=0.001)
     assert _stored(out).train.steps == 4
     assert ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step == 4
+
+
+# ----------------------------------------------------------------------------- validation before any write
+def test_a_refused_start_leaves_nothing_behind_and_the_corrected_command_works(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    refusals = [
+        (dict(cfg=_cfg(2, **{"train.batch_size": "65536"})), ConfigError, "larger than the training set"),
+        (dict(data_dir=tmp_path / "no-such-folder"), DataError, "no-such-folder"),
+        (dict(epochs=1e308), ConfigError, "--epochs"),
+        (dict(device="cuda:99"), VaedrawError, "cuda"),
+    ]
+    for change, error, words in refusals:
+        kw = {"cfg": _cfg(2), "data_dir": mnist_dir, "device": "cpu", **change}
+        with pytest.raises(error, match=words):
+            train(kw.pop("cfg"), out, progress=False, **kw)
+        assert not out.exists(), change
+    out.mkdir()  # an existing empty folder stays empty too
+    with pytest.raises(ConfigError):
+        train(_cfg(2, **{"train.batch_size": "65536"}), out, device="cpu", data_dir=mnist_dir, progress=False)
+    assert list(out.iterdir()) == []
+    train(_cfg(2), out, device="cpu", data_dir=mnist_dir, progress=False)
+    assert ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step == 2
+
+
+def test_one_trainer_per_run_directory_and_a_killed_one_leaves_no_stale_lock(tiny_run, tmp_path, mnist_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from vaedraw.errors import RunLocked
+    from vaedraw.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    more = {"train.steps": 7, "sample.fit_gmm": False}
+    holder = RunDir(run)
+    holder.lock()  # as another trainer would
+    with pytest.raises(RunLocked, match="another `vaedraw train`"):
+        train(None, run, device="cpu", data_dir=mnist_dir, resume=True, changes=more, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    holder.unlock()
+
+    # a trainer killed while holding the lock: the kernel releases it with the process
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(120)"), str(run)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(RunLocked):
+        train(None, run, device="cpu", data_dir=mnist_dir, resume=True, changes=more, progress=False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    train(None, run, device="cpu", data_dir=mnist_dir, resume=True, changes=more, progress=False)
+    assert ckpt_io.load(run / ckpt_io.CHECKPOINT_NAME).step == 7
+
+
+def test_the_run_records_the_data_it_was_trained_on(tiny_run, mnist_dir):
+    recorded = json.loads((tiny_run / "data.json").read_text())
+    train_split, test_split = data.load_dataset("mnist", mnist_dir)
+    assert recorded == {"train": train_split.provenance, "test": test_split.provenance}
+    assert recorded["train"]["source"] == "folder" and recorded["train"]["files"]
+    assert load_run(tiny_run, device="cpu").data_source == recorded
+
+
+def test_resume_without_options_continues_the_stored_config(tiny_run, tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    train(None, run, device="cpu", data_dir=mnist_dir, resume=True, changes={"train.steps": 8}, progress=False)
+    stored = _stored(run)
+    assert stored.train.steps == 8 and stored.model == _stored(tiny_run).model
+    assert ckpt_io.load(run / ckpt_io.CHECKPOINT_NAME).step == 8
+
+
+# ----------------------------------------------------------------------------- progress and the end of a run
+def test_progress_in_a_log_file_is_a_plain_line_every_tenth_of_the_run():
+    import io
+
+    log = io.StringIO()
+    bar = train_mod.Progress(total=200, start=0, enabled=True, file=log)
+    for step in range(1, 201):
+        if step % 20 == 0:
+            bar.show(100.0 - step / 10, 90.0, 10.0 - step / 100, 5000.0)
+        bar.update(step)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 10
+    assert lines[0].startswith("vaedraw: step 20/200 (10%)") and lines[-1].startswith("vaedraw: step 200/200 (100%)")
+    assert "loss 80.00" in lines[-1] and "steps/s" in lines[-1]  # the stats as of the end, once
+    quiet = io.StringIO()
+    bar = train_mod.Progress(total=10, start=0, enabled=False, file=quiet)
+    for step in range(1, 11):
+        bar.update(step)
+    assert quiet.getvalue() == ""
+
+
+def test_a_signal_during_the_mixture_fit_stops_and_resume_finishes_the_run(tmp_path, mnist_dir, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from vaedraw.errors import TrainingInterrupted
+
+    def signalled_fit(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("the signal did not stop the fit")
+
+    monkeypatch.setattr(train_mod, "fit_gmm", signalled_fit)
+    out = tmp_path / "run"
+    cfg = _cfg(3, **{"sample.fit_gmm": "true", "sample.gmm_components": "3"})
+    with pytest.raises(TrainingInterrupted, match=r"stopped while finishing the run .*step 3.*finish it with: "
+                                                  rf"vaedraw train --out {out} --resume") as stop:
+        train(cfg, out, device="cpu", data_dir=mnist_dir, progress=False)
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert not (out / "gmm.safetensors").exists() and not (out / "samples.png").exists()
+    rows = read_metrics(out / "metrics.jsonl")
+    monkeypatch.undo()
+    train(None, out, device="cpu", data_dir=mnist_dir, resume=True, progress=False)
+    assert (out / "gmm.safetensors").exists() and (out / "samples.png").exists()
+    assert ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step == 3 and read_metrics(out / "metrics.jsonl") == rows

@@ -26,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError
-from .models import VAE, build_model
+from .models import SEED_IMAGE_SHAPE, VAE, build_model, check_image_shape
 
 FORMAT = "vaedraw-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.safetensors"
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the largest preset has about 10 million
 
 
 def versions() -> dict[str, str]:
@@ -47,7 +48,14 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename onto `path`: readers see the old or the new file, never half."""
+    """Call write(tmp_path), fsync, then rename onto `path`: readers see the old or the new file, never half.
+
+    Only a regular file (or nothing) at `path` is replaced: a folder, a symbolic link or a device there
+    is an OutputError, never silently swapped for a file.
+    """
+    from .outputs import refuse_non_regular
+
+    refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -79,8 +87,7 @@ class Checkpoint:
     optim_state: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # JSON-able training state (e.g. best loss)
-    header: dict[str, Any] = field(default_factory=dict)
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the model's images; None in older files
 
 
 def _flatten_optim(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,9 +124,11 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
     tensors.update({f"rng/{k}": v.cpu() for k, v in ckpt.rng.items()})
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": ckpt.step,
-        "config": ckpt.config.to_dict(), "metrics": ckpt.metrics, "extra": ckpt.extra,
+        "config": ckpt.config.to_dict(), "metrics": ckpt.metrics,
         "optim": optim_meta, "versions": versions(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if ckpt.image_shape is not None:
+        header["image_shape"] = list(ckpt.image_shape)
     meta = {"vaedraw": json.dumps(header)}
     atomic_write_bytes(Path(path), lambda p: save_file(tensors, str(p), metadata=meta))
 
@@ -177,27 +186,63 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         groups[prefix][rest if prefix != "optim" else name] = value
     try:  # a header that parses as JSON can still lack a field or hold one of the wrong type
         optim = _unflatten_optim(groups["optim"], header["optim"]) if header.get("optim") else None
-        return Checkpoint(
-            config=config, model_state=groups["model"], step=int(header["step"]), optim_state=optim,
-            rng=groups["rng"], metrics=header.get("metrics", {}), extra=header.get("extra", {}), header=header,
+        ckpt = Checkpoint(
+            config=config, model_state=groups["model"], step=header["step"], optim_state=optim,
+            rng=groups["rng"], metrics=header.get("metrics", {}), image_shape=header.get("image_shape"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: its header is damaged ({type(e).__name__}: {e}); retrain, or restore it "
                               "from a backup") from None
+    _check_contents(path, ckpt, groups)
+    return ckpt
+
+
+def _check_contents(path: Path, ckpt: Checkpoint, groups: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Refuse a checkpoint whose numbers cannot be a training state: a negative or non-integer step, an
+    image shape that is not (C, H, W), non-finite weights or optimizer moments. Such a file is never loaded,
+    in particular never as the last good state of a run."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {why}; it was altered or damaged: retrain, or restore it from a backup")
+
+    if type(ckpt.step) is not int or ckpt.step < 0:
+        raise bad(f"its step {ckpt.step!r} is not a whole number >= 0")
+    if ckpt.image_shape is not None:
+        try:
+            ckpt.image_shape = check_image_shape(ckpt.image_shape)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise bad(f"its image shape is invalid ({e})") from None
+    for group in ("model", "optim"):
+        for name, t in groups[group].items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise bad(f"tensor {name!r} holds NaN or infinite numbers")
 
 
 def model_from_checkpoint(ckpt: Checkpoint, path: str | Path = "checkpoint") -> VAE:
-    """Rebuild the network from the stored config alone and load its weights (shapes are checked)."""
-    model = build_model(ckpt.config.model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ckpt.model_state))
-    unexpected = sorted(set(ckpt.model_state) - set(expected))
-    wrong = [k for k in expected if k in ckpt.model_state and ckpt.model_state[k].shape != expected[k].shape]
+    """Rebuild the network from the stored config and image shape and load its weights (shapes are checked).
+    A checkpoint saved before image shapes were recorded holds a 1x28x28 model."""
+    try:
+        image_shape = check_image_shape(SEED_IMAGE_SHAPE if ckpt.image_shape is None else ckpt.image_shape)
+        with torch.device("meta"):  # shapes only, no memory: the header is checked before any network is built
+            skeleton = build_model(ckpt.config.model, image_shape)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its header does not describe a model this vaedraw builds ({e})") from None
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    if n_params > MAX_PARAMETERS:
+        raise CheckpointError(f"{path}: its config describes a network of {n_params:,} parameters, more than the "
+                              f"{MAX_PARAMETERS:,} vaedraw loads; the config was altered or is not vaedraw's")
+    _check_weights(path, skeleton.state_dict(), ckpt.model_state)
+    model = build_model(ckpt.config.model, image_shape)
+    model.load_state_dict(ckpt.model_state)
+    return model
+
+
+def _check_weights(path, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [k for k in expected if k in got and got[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         detail = "; ".join(s for s in (
             f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
             f"shape mismatch for {wrong[:3]}" if wrong else "") if s)
         raise CheckpointError(f"{path}: weights do not match the stored model config ({detail}); "
                               "the config or the weights were altered")
-    model.load_state_dict(ckpt.model_state)
-    return model

@@ -19,60 +19,103 @@ The JSON keys are listed in `evaluate_run` and in docs/EVALUATION.md.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
+from . import data as data_mod
 from .errors import VaedrawError
-from .objectives import iwae_bound, iwae_log_weights, kl_to_standard_normal, reconstruction_loss
+from .objectives import iwae_bound
 from .sample import check_sampler
 
 EVAL_SEED = 12345  # the fixed seed of the test binarization and of evaluation noise
 RECOGNIZED = 0.9  # a digit is recognizable when the evaluator gives its top class at least this probability
 REFERENCE_IMAGES = 10_000  # real images on each side of a Frechet distance
 MAX_DECODES = 8192  # images decoded per batched call in the IWAE estimate (bounds memory)
-
-
-def as_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1]."""
-    return images.unsqueeze(1).float().div_(255)
+MAX_IWAE_K = 100_000  # importance samples per image: beyond this one evaluation runs for days
+MAX_SAMPLES = 1_000_000  # generated images for the quality figures: beyond this they do not fit in memory
 
 
 def binarize_fixed(images: torch.Tensor, seed: int = EVAL_SEED) -> torch.Tensor:
-    """One fixed Bernoulli draw per pixel: uint8 [N, 28, 28] -> float {0, 1} [N, 1, 28, 28] (CPU generator,
+    """One fixed Bernoulli draw per pixel: uint8 [N, H, W] -> float {0, 1} [N, C, H, W] (CPU generator,
     so the same on every device)."""
     g = torch.Generator().manual_seed(seed)
-    x = as_float(images.cpu())
+    x = data_mod.to_float(images.cpu())
     return torch.bernoulli(x, generator=g).to(images.device)
 
 
 def eval_inputs(images: torch.Tensor, binarize: bool) -> torch.Tensor:
     """The evaluation targets for a model: fixed binarization for Bernoulli models, else grayscale."""
-    return binarize_fixed(images) if binarize else as_float(images)
+    return binarize_fixed(images) if binarize else data_mod.to_float(images)
+
+
+def check_eval_sizes(iwae_k: int, n_samples: int) -> None:
+    """Refuse, before any work, an importance-sample count or a sample count out of range (VaedrawError)."""
+    if not 1 <= iwae_k <= MAX_IWAE_K:
+        raise VaedrawError(f"--iwae-k must be between 1 and {MAX_IWAE_K:,}, got {iwae_k:,}")
+    if not 1 <= n_samples <= MAX_SAMPLES:
+        raise VaedrawError(f"--n-samples must be between 1 and {MAX_SAMPLES:,}, got {n_samples:,}")
+
+
+class Progress:
+    """What a long evaluation phase is doing, on stderr: a tqdm bar on a terminal; elsewhere (a log file,
+    CI) a plain line about every 10% with an estimate of the time left, and one when it ends."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, file=None):
+        self.file = file or sys.stderr
+        self.total, self.desc, self.unit, self.enabled = max(1, total), desc, unit, enabled
+        self.done, self.t0, self.next_pct = 0, time.perf_counter(), 10
+        tty = enabled and getattr(self.file, "isatty", lambda: False)()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, dynamic_ncols=True) if tty else None
+
+    def update(self, n: int = 1, desc: str | None = None) -> None:
+        self.done += n
+        if desc is not None:
+            self.desc = desc
+        if self.bar is not None:
+            if desc is not None:
+                self.bar.set_description(desc, refresh=False)
+            self.bar.update(n)
+            return
+        pct = 100 * self.done / self.total
+        if not self.enabled or (pct < self.next_pct and self.done < self.total):
+            return
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed * (self.total - self.done) / max(1, self.done)
+        print(f"vaedraw eval: {self.desc}: {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
+              f"{elapsed:.0f} s" + (f", about {left:.0f} s left" if self.done < self.total else ""),
+              file=self.file, flush=True)
+        self.next_pct = (int(pct) // 10 + 1) * 10
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _eval_noise(generator: torch.Generator):
+    """noise(t) -> N(0, 1) like t, drawn from `generator` (independent of the training RNG)."""
+    return lambda t: torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
 
 
 @torch.no_grad()
-def test_loss(model, x: torch.Tensor, y: torch.Tensor | None, likelihood: str, batch_size: int = 1000,
-              seed: int = EVAL_SEED) -> dict[str, float]:
+def heldout_loss(model, x: torch.Tensor, y: torch.Tensor | None, batch_size: int = 1000,
+                 seed: int = EVAL_SEED) -> dict[str, float]:
     """The training objective on held-out data, dropout off: mean over images of recon + KL.
 
-    Estimator: one z ~ q(z|x) per image (noise from a generator seeded with `seed`, independent of the
-    training RNG), analytic KL. x: [N, 1, 28, 28] targets (see `eval_inputs`). Returns loss, recon, kl.
+    Estimator: the model's own terms (`VAE.elbo_terms`), one z ~ q(z|x) per image with noise from a
+    generator seeded with `seed`. x: [N, C, H, W] targets (see `eval_inputs`). Returns loss, recon, kl.
     """
     was_training = model.training
     model.eval()
     device = x.device
-    g = torch.Generator(device=device).manual_seed(seed)
+    noise = _eval_noise(torch.Generator(device=device).manual_seed(seed))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
         yb = None if y is None or not model.n_classes else y[i:i + batch_size]
-        mu, logvar = model.encode(xb, yb)
-        mu, logvar = mu.float(), logvar.float()
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g, device=device)
-        logits = model.decode(z, yb).float()
-        recon = reconstruction_loss(xb, logits, likelihood)
-        kl = kl_to_standard_normal(mu, logvar)
+        recon, kl, _ = model.elbo_terms(xb, yb, noise)
         sums += torch.stack([(recon + kl).sum(), recon.sum(), kl.sum()]).double()
     model.train(was_training)
     loss, recon, kl = (sums / len(x)).tolist()
@@ -81,14 +124,15 @@ def test_loss(model, x: torch.Tensor, y: torch.Tensor | None, likelihood: str, b
 
 # ----------------------------------------------------------------------------- likelihood
 @torch.no_grad()
-def iwae(model, x: torch.Tensor, y: torch.Tensor | None, likelihood: str, k: int, seed: int = EVAL_SEED,
-         max_decodes: int = MAX_DECODES) -> torch.Tensor:
-    """The importance-weighted bound L_k per image (Burda et al. 2015, eq. 8), dropout off. x: [N, 1, 28, 28] -> [N].
+def iwae(model, x: torch.Tensor, y: torch.Tensor | None, k: int, seed: int = EVAL_SEED,
+         max_decodes: int = MAX_DECODES, progress: Progress | None = None) -> torch.Tensor:
+    """The importance-weighted bound L_k per image (Burda et al. 2015, eq. 8), dropout off. x: [N, C, H, W] -> [N].
 
-    Estimator: L_k = log (1/k) sum_j p(x, z_j) / q(z_j | x), z_j ~ q(z|x), a lower bound on log p(x) that
-    does not decrease with k. Images go in batches of B = max(1, max_decodes // k) and the k samples in
-    chunks, so each batched decode holds at most about `max_decodes` images; the log-sum-exp over the k
-    log weights is taken in float64. Noise from a generator seeded with `seed` on x's device.
+    Estimator: L_k = log (1/k) sum_j p(x, z_j) / q(z_j | x), z_j ~ q(z|x) (the model's `log_weights`), a
+    lower bound on log p(x) that does not decrease with k. Images go in batches of B = max(1, max_decodes // k)
+    and the k samples in chunks, so each batched decode holds at most about `max_decodes` images; the
+    log-sum-exp over the k log weights is taken in float64. Noise from a generator seeded with `seed` on
+    x's device. `progress` advances by the images of each batch.
     """
     was_training = model.training
     model.eval()
@@ -99,8 +143,10 @@ def iwae(model, x: torch.Tensor, y: torch.Tensor | None, likelihood: str, k: int
     for i in range(0, len(x), b):
         xb = x[i:i + b]
         yb = None if y is None or not model.n_classes else y[i:i + b]
-        log_w = iwae_log_weights(model, xb, k, likelihood, yb, chunk=chunk, generator=g)
+        log_w = model.log_weights(xb, yb, k, generator=g, chunk=chunk)
         out.append(iwae_bound(log_w.double()))
+        if progress is not None:
+            progress.update(len(xb))
     model.train(was_training)
     return torch.cat(out)
 
@@ -135,10 +181,10 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 
 def label_stats(proba: torch.Tensor, y: torch.Tensor | None = None) -> dict:
-    """Classifier verdicts on a set of images. proba: [N, 10] -> dict of floats.
+    """Classifier verdicts on a set of images. proba: [N, K] over K classes -> dict of floats.
 
     recognizable: share with max probability >= RECOGNIZED; coverage_bits: entropy (bits) of the
-    histogram of predicted labels (uniform over 10 = 3.32); class_shares [10], min/max_class_share.
+    histogram of predicted labels (uniform over K classes = log2 K); class_shares [K], min/max_class_share.
     With requested labels y: [N], label_accuracy {digit: share predicted as that digit} and its mean.
     """
     conf, pred = proba.max(1)
@@ -160,7 +206,7 @@ def label_stats(proba: torch.Tensor, y: torch.Tensor | None = None) -> dict:
 
 
 def quality(evaluator, x: torch.Tensor, ref_features: torch.Tensor, y: torch.Tensor | None = None) -> dict:
-    """FD of images x: [N, 1, 28, 28] (pixel means) to reference features [M, F], plus `label_stats`."""
+    """FD of images x: [N, C, H, W] (pixel means) to reference features [M, F], plus `label_stats`."""
     features, proba = evaluator.features_and_proba(x)
     return {"fd": frechet_distance(features, ref_features), **label_stats(proba, y)}
 
@@ -170,19 +216,44 @@ def _fixed_choice(n_total: int, n: int, seed: int = EVAL_SEED) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the whole report
+def _comparability(run, split: str, part, likelihood: str) -> tuple[bool, str | None]:
+    """(comparable, reason when not): whether elbo/iwae are held-out Bernoulli figures on binarized images."""
+    source = getattr(run, "data_source", None)
+    provenance = getattr(part, "provenance", None)
+    if split == "train":
+        return False, "evaluated on the run's own training split"
+    if source is not None and provenance is not None:
+        if data_mod.overlaps(source["train"], provenance):
+            return False, (f"the evaluation images ({part.name}) may include images this run was trained on "
+                           f"(trained on {source['train'].get('dataset')} from {source['train'].get('source')})")
+    elif source is None and provenance is not None and provenance.get("subset"):
+        return False, ("this run recorded no training data and the bundled subset's test images are official "
+                       "training images: they may include images it was trained on")
+    if likelihood != "bernoulli":
+        return False, ("Gaussian log-density of grayscale pixels (sigma^2 = 1/2): not comparable with Bernoulli "
+                       "figures on binarized images")
+    return True, None
+
+
 def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int = 10000, sampler: str | None = None,
-                 data_dir=None, seed: int = 0, n_images: int | None = None) -> dict:
+                 data_dir=None, seed: int = 0, n_images: int | None = None, progress: bool = True) -> dict:
     """Evaluate a loaded run (vaedraw.run.Run): likelihood on a split and sample quality. Returns a JSON-able dict.
 
-    Data protocol: the first `n_images` images of `split` (default all: 10,000 for the MNIST test split);
-    Bernoulli models see them binarized once with the fixed seed EVAL_SEED, Gaussian ones the grayscale
-    pixels. Keys (see docs/EVALUATION.md):
+    Data protocol: the first `n_images` images of `split` (default all: 10,000 for the MNIST test split)
+    of the data the run recorded (same data set, source and files, `data.load_recorded`); Bernoulli models
+    see them binarized once with the fixed seed EVAL_SEED, Gaussian ones the grayscale pixels. Images that
+    may overlap the run's training data make the result `comparable: false` (with `comparable_reason`) and
+    print a warning. `progress`: what the IWAE pass and the quality figures are doing, on stderr.
+    Keys (see docs/EVALUATION.md):
 
     run_dir, preset, dataset, step, device, split, n_images, likelihood ("bernoulli" | "gaussian"), protocol
     elbo, recon, kl     ELBO = -(recon + KL), analytic KL, one z ~ q(z|x) per image (nats per image)
     iwae, iwae_k        L_k (Burda et al. 2015, eq. 8), k samples per image (nats per image)
     objective           gaussian only: the article's loss, sum of squared errors + KL (not a likelihood)
-    comparable          whether elbo/iwae are comparable with Bernoulli figures on binarized MNIST
+    comparable          whether elbo/iwae are held-out figures comparable with Bernoulli ones on binarized MNIST
+    comparable_reason   why not (null when comparable)
+    trained_on_subset   the run was trained on the bundled subset (null: not recorded)
+    data                {"train": provenance the run recorded or null, "eval": the evaluation split's}
     quality_available, quality_note, evaluator_accuracy
     fd_floor            FD of 10,000 fixed real training images to the test images
     samples             {sampler, n, fd, recognizable, coverage_bits, min_class_share, max_class_share,
@@ -190,30 +261,34 @@ def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int
     reconstructions     the same for decode(mu(x)) of the split's images (label_accuracy against their labels)
     seconds             {elbo, iwae, quality}
     """
-    from . import data as data_mod
-
     if split not in data_mod.SPLITS:
         raise VaedrawError(f"unknown split {split!r}; choose one of: {', '.join(data_mod.SPLITS)}")
-    if iwae_k < 1 or n_samples < 1:
-        raise VaedrawError("--iwae-k and --n-samples must be positive")
+    check_eval_sizes(iwae_k, n_samples)
     check_sampler(sampler or run.default_sampler, run.gmm)  # before the slow likelihood work
     cfg, model, dev = run.config, run.model, run.device
     dataset, lik = cfg.data.dataset, cfg.model.likelihood
-    part = data_mod.load_split(dataset, split, data_dir, progress=False)
+    part = run.load_split(split, data_dir, progress=False)  # the data the run recorded
     n = len(part) if n_images is None else min(n_images, len(part))
     images, labels = part.images[:n], part.labels[:n]
     binarized = lik == "bernoulli"
     protocol = (f"{part.name}, first {n:,} images, "
                 + (f"binarized once x ~ Bernoulli(pixel) with fixed seed {EVAL_SEED}" if binarized
                    else "grayscale pixels in [0, 1]"))
+    comparable, reason = _comparability(run, split, part, lik)
+    source = getattr(run, "data_source", None)
+    train_source = None if source is None else source.get("train")
     res: dict = {"run_dir": str(run.run_dir), "preset": cfg.preset, "dataset": dataset, "step": run.step,
                  "device": str(dev), "split": split, "n_images": n, "likelihood": lik, "protocol": protocol,
-                 "comparable": binarized, "seconds": {}}
+                 "comparable": comparable, "comparable_reason": reason,
+                 "trained_on_subset": None if train_source is None else bool(train_source.get("subset")),
+                 "data": {"train": train_source, "eval": getattr(part, "provenance", None)}, "seconds": {}}
+    if reason is not None and binarized:
+        print(f"vaedraw eval: warning: these figures are not comparable: {reason}", file=sys.stderr)
 
     x = eval_inputs(images, binarized).to(dev)
     y = labels.to(dev) if run.conditional else None
     t0 = time.perf_counter()
-    ev = test_loss(model, x, y, lik, seed=EVAL_SEED + seed)
+    ev = heldout_loss(model, x, y, seed=EVAL_SEED + seed)
     res["seconds"]["elbo"] = time.perf_counter() - t0
     if lik == "gaussian":
         # log_px includes the Gaussian's normalizer; the article's loss is its squared error alone.
@@ -224,31 +299,37 @@ def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int
     t0 = time.perf_counter()
     # A GPU holds far more decodes per call than the CPU's caches like.
     max_decodes = MAX_DECODES * (4 if dev.type == "cuda" else 1)
-    res["iwae"] = iwae(model, x, y, lik, iwae_k, seed=EVAL_SEED + seed, max_decodes=max_decodes).mean().item()
+    bar = Progress(n, f"IWAE bound, k={iwae_k:,}", "images", enabled=progress)
+    try:
+        res["iwae"] = iwae(model, x, y, iwae_k, seed=EVAL_SEED + seed, max_decodes=max_decodes,
+                           progress=bar).mean().item()
+    finally:
+        bar.close()
     res["iwae_k"] = iwae_k
     res["seconds"]["iwae"] = time.perf_counter() - t0
     del x
 
     q = quality_figures(run, n_samples=n_samples, sampler=sampler, data_dir=data_dir, seed=seed,
-                        images=images, labels=labels)
+                        images=images, labels=labels, progress=progress)
     res["seconds"].update(q.pop("seconds", {}))
     res.update(q)
     return res
 
 
 def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, data_dir=None, seed: int = 0,
-                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                    progress: bool = True) -> dict:
     """The sample-quality part of `evaluate_run`: keys quality_available, quality_note, evaluator_accuracy,
     fd_floor, samples, reconstructions, seconds.quality (see there).
 
     Generated digits: `n_samples` codes from `sampler` (default the preset's) with a CPU generator seeded
-    with `seed`, decoded to pixel means; conditional runs request labels 0..9 in turn. Reconstructions:
-    decode(mu(x)) of `images` (uint8 [N, 28, 28], default the test split) in grayscale. Reference: the
-    evaluator's features of up to 10,000 test images; the floor compares 10,000 fixed training images.
+    with `seed`, decoded to pixel means; conditional runs request labels 0, 1, ... in turn. Reconstructions:
+    decode(mu(x)) of `images` (uint8, default the test split) in grayscale. Reference: the evaluator's
+    features of up to 10,000 test images; the floor compares 10,000 fixed training images.
     """
-    from . import data as data_mod
     from .evaluator import load_evaluator
 
+    check_eval_sizes(1, n_samples)
     t0 = time.perf_counter()
     dataset = run.config.data.dataset
     sampler = sampler or run.default_sampler
@@ -257,21 +338,30 @@ def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, 
     except VaedrawError as e:
         return {"quality_available": False, "evaluator_accuracy": None, "fd_floor": None, "samples": None,
                 "reconstructions": None, "quality_note": f"sample-quality figures unavailable: {e}"}
-    train, test = data_mod.load_dataset(dataset, data_dir, progress=False)
-    if images is None:
-        images, labels = test.images, test.labels
-    m = min(REFERENCE_IMAGES, len(test))
-    ref = evaluator.features(as_float(test.images[_fixed_choice(len(test), m)]))
-    real = as_float(train.images[_fixed_choice(len(train), m)])
-    res = {"quality_available": True, "evaluator_accuracy": evaluator.test_accuracy,
-           "quality_note": (f"evaluator: our CNN for {dataset} (test accuracy {evaluator.test_accuracy:.4f}); "
-                            f"features of pixel means vs {m:,} {test.name} images"),
-           "fd_floor": frechet_distance(evaluator.features(real), ref)}
-    y_gen = torch.arange(n_samples) % run.model.n_classes if run.conditional else None
-    x_gen = run.sample(n_samples, sampler=sampler, seed=seed, y=y_gen)
-    res["samples"] = {"sampler": sampler, **quality(evaluator, x_gen, ref, y_gen)}
-    x_rec = run.reconstruct(as_float(images), labels if run.conditional else None)
-    res["reconstructions"] = quality(evaluator, x_rec, ref, labels)
+    bar = Progress(4, "sample quality: reference features", "stages", enabled=progress)
+    try:
+        train = run.load_split("train", data_dir, progress=False)  # the data the run recorded
+        test = run.load_split("test", data_dir, progress=False)
+        if images is None:
+            images, labels = test.images, test.labels
+        m = min(REFERENCE_IMAGES, len(test))
+        ref = evaluator.features(data_mod.to_float(test.images[_fixed_choice(len(test), m)]))
+        real = data_mod.to_float(train.images[_fixed_choice(len(train), m)])
+        res = {"quality_available": True, "evaluator_accuracy": evaluator.test_accuracy,
+               "quality_note": (f"evaluator: our CNN for {dataset} (test accuracy {evaluator.test_accuracy:.4f}); "
+                                f"features of pixel means vs {m:,} {test.name} images"),
+               "fd_floor": frechet_distance(evaluator.features(real), ref)}
+        bar.update(1, f"sample quality: drawing {n_samples:,} samples ({sampler})")
+        y_gen = torch.arange(n_samples) % run.model.n_classes if run.conditional else None
+        x_gen = run.sample(n_samples, sampler=sampler, seed=seed, y=y_gen)
+        bar.update(1, f"sample quality: FD of {n_samples:,} samples")
+        res["samples"] = {"sampler": sampler, **quality(evaluator, x_gen, ref, y_gen)}
+        bar.update(1, f"sample quality: {len(images):,} reconstructions")
+        x_rec = run.reconstruct(data_mod.to_float(images), labels if run.conditional else None)
+        res["reconstructions"] = quality(evaluator, x_rec, ref, labels)
+        bar.update(1, "sample quality: done")
+    finally:
+        bar.close()
     res["seconds"] = {"quality": time.perf_counter() - t0}
     return res
 
@@ -281,6 +371,9 @@ def format_report(result: dict) -> str:
     r = result
     lines = [f"vaedraw eval: {r['run_dir']} (preset {r['preset']}, {r['dataset']}, step {r['step']:,}, {r['device']})",
              f"likelihood ({r['likelihood']}) on {r['protocol']}; nats per image, higher is better:"]
+    if r.get("trained_on_subset"):
+        lines.insert(1, "  trained on the bundled subset of the data set, not the full one: figures are not "
+                        "those of a full run")
     if r["objective"] is not None:
         lines.append(f"  {'article objective (sq. error + KL, lower is better)':<44}{r['objective']:>10.2f}")
     lines += [
@@ -289,8 +382,9 @@ def format_report(result: dict) -> str:
         f"   ({r['seconds']['iwae']:.1f} s)",
     ]
     if not r["comparable"]:
-        lines.append("  note: Gaussian log-density of grayscale pixels (sigma^2 = 1/2): NOT comparable with "
-                     "Bernoulli figures on binarized images")
+        reason = r.get("comparable_reason") or ("Gaussian log-density of grayscale pixels (sigma^2 = 1/2): not "
+                                                "comparable with Bernoulli figures on binarized images")
+        lines.append(f"  note: NOT comparable: {reason}")
     if not r["quality_available"]:
         lines.append(r["quality_note"] + "; likelihoods above are still valid")
         return "\n".join(lines)
@@ -307,7 +401,7 @@ def format_report(result: dict) -> str:
               row(f"reconstructions (n={rec['n']:,})", rec),
               f"  {'real train vs test (floor)':<28}{r['fd_floor']:>9.2f}",
               f"  recognizable: max class probability >= {RECOGNIZED}; coverage: entropy of predicted labels "
-              f"(uniform = {math.log2(10):.2f} bits)"]
+              f"(uniform = {math.log2(len(s['class_shares'])):.2f} bits)"]
     if "label_accuracy" in s:
         lines.append("  label accuracy per requested digit: "
                      + " ".join(f"{d}:{v:.2f}" for d, v in s["label_accuracy"].items()))

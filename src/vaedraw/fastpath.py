@@ -5,7 +5,7 @@ is then called once per optimizer step:
 
     step(x, y, lr) -> stats float32 [3] = (loss, recon, kl) on the device, detached, no host sync
 
-x: float [b, 1, 28, 28] in [0, 1] (this process's rows of the global batch), y: int64 [b] or None.
+x: float [b, C, H, W] in [0, 1] (this process's rows of the global batch), y: int64 [b] or None.
 
 What a plan can switch on (each one only where it measured faster, see AUTO):
 - bf16: torch.autocast of the forward pass; the loss, gradients and Adam stay float32.
@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import SameCrop, reparameterize
-from .objectives import vae_loss
+from .models import SameCrop
 
 # What `auto` picks, by device class and architecture, with the measurement behind it
 # (benchmarks/speed.py, docs/SPEED.md; CPU: 2-core AMD EPYC with AVX512-BF16, torch 2.13, shared machine).
@@ -57,6 +56,8 @@ AUTO: dict[tuple[str, str], dict[str, bool | str]] = {
     ("cuda", "conv"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": False,
                        "cuda_graph": True},
 }
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # train.precision: auto takes AUTO's row
+COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")  # train.compile: auto takes AUTO's row
 GRAPH_WARMUP = 3  # eager steps (on a side stream) before capture: lazy state such as Adam's moments
 
 
@@ -104,6 +105,10 @@ def choose_plan(train_cfg, arch: str, device: torch.device, distributed: bool = 
     if train_cfg.compile != "auto":
         row["compile"] = train_cfg.compile == "on"
         reason = "as asked"
+    if (cls, arch) not in AUTO:
+        # said once, in the plan's description that training prints when it starts
+        missing = f"no fast-path row for {cls}/{arch} in fastpath.AUTO, so the plain settings"
+        reason = missing if reason.startswith("auto") else f"{reason}; {missing}"
     if row.get("precision") == "bf16" and cls == "cpu" and train_cfg.precision == "auto":
         row["precision"] = "fp32"
     if device.type != "cuda":
@@ -235,12 +240,12 @@ def prepare_model(model: nn.Module, plan: Plan, noise: Noise) -> nn.Module:
 
 # ----------------------------------------------------------------------------- the step
 class Objective(nn.Module):
-    """forward(x, y) -> stack(loss, recon, kl): float32 [3]; the module DDP wraps (its parameters are the
-    model's). Estimator: one reparameterized z per image, analytic KL (objectives.vae_loss)."""
+    """forward(x, y) -> stack(loss, recon, kl): float32 [3], batch means; the module DDP wraps (its parameters
+    are the model's). The terms are the model's own (`VAE.elbo_terms`), with this step's noise."""
 
-    def __init__(self, model: nn.Module, likelihood: str, binarize: bool, plan: Plan, noise: Noise):
+    def __init__(self, model: nn.Module, binarize: bool, plan: Plan, noise: Noise):
         super().__init__()
-        self.model, self.likelihood, self.binarize, self.plan, self.noise = model, likelihood, binarize, plan, noise
+        self.model, self.binarize, self.plan, self.noise = model, binarize, plan, noise
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.binarize:  # dynamic binarization x ~ Bernoulli(pixel)
@@ -249,20 +254,17 @@ class Objective(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         y = y if self.model.n_classes else None
         with autocast(x.device, self.plan):
-            mu, logvar = self.model.encode(x, y)
-            mu, logvar = mu.float(), logvar.float()
-            z = reparameterize(mu, logvar, self.noise.normal_like(mu))
-            logits = self.model.decode(z, y)
-        loss, recon, kl = vae_loss(x, logits.float(), mu, logvar, self.likelihood)
-        return torch.stack([loss, recon, kl])
+            recon, kl, _ = self.model.elbo_terms(x, y, self.noise.normal_like)
+        recon, kl = recon.mean(), kl.mean()
+        return torch.stack([recon + kl, recon, kl])
 
 
 def inference_autocast(device: torch.device, precision: str = "auto"):
     """Autocast for decoding pictures. auto: bfloat16 where the device computes it natively (CUDA,
     AVX512-BF16 CPUs; pixel means move by a few grey levels at most and FD by 0.03%, docs/SPEED.md),
     else float32."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device_class(device) == "cpu"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -321,7 +323,7 @@ class FastStep:
         if plan.keep_memory:
             keep_freed_memory()
         self.noise = noise or Noise()
-        objective: nn.Module = Objective(model, cfg.model.likelihood, cfg.data.binarize == "dynamic", plan, self.noise)
+        objective: nn.Module = Objective(model, cfg.data.binarize == "dynamic", plan, self.noise)
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -391,5 +393,6 @@ class FastStep:
         return self._out
 
 
-def announce(plan: Plan, device: torch.device, file=sys.stderr) -> None:
-    print(f"vaedraw: fast path on {device}: {plan.describe()}", file=file)
+def announce(plan: Plan, device: torch.device, file=None) -> None:
+    # sys.stderr looked up when called, not when imported: it may have been redirected since
+    print(f"vaedraw: fast path on {device}: {plan.describe()}", file=file or sys.stderr)

@@ -2,13 +2,15 @@
 
 Reductions are explicit: sum over pixels and latent dimensions, mean over the batch only where a
 function says so. One function, `log_px`, is the decoder's log-likelihood for both the ELBO and the
-importance-weighted bound, so the bound with k = 1 is the ELBO.
+importance-weighted bound, so the bound with k = 1 is the ELBO. Models assemble their objective from
+these (models.VAE.elbo_terms, VAE.log_weights); nothing else does.
 
 Likelihoods (decoder output `logits`, pixel mean sigmoid(logits)):
 - bernoulli: log p(x|z) = sum_i x_i log m_i + (1 - x_i) log(1 - m_i), computed stably from logits.
 - gaussian: the article's objective, summed squared error. It is -log N(x; m, sigma^2 = 1/2) up to the
-  constant 784 * 0.5 * log(pi), which `log_px` includes so that the value is a proper log-density of
-  grayscale pixels (not comparable with Bernoulli numbers on binarized pixels).
+  constant n_pixels * 0.5 * log(pi) (n_pixels = C * H * W values per image), which `log_px` includes so
+  that the value is a proper log-density of grayscale pixels (not comparable with Bernoulli numbers on
+  binarized pixels).
 """
 
 from __future__ import annotations
@@ -60,38 +62,6 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I), summed over the last dim. [..., D] -> [...]."""
     return -0.5 * (_LOG_2PI + z.pow(2)).sum(-1)
-
-
-def vae_loss(
-    x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, likelihood: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training objective with a one-sample estimate of the image term.
-
-    Returns (loss, recon, kl), each a batch mean of per-image sums (nats for bernoulli). loss = recon + kl
-    is the negative ELBO for bernoulli, and the article's objective for gaussian.
-    """
-    recon = reconstruction_loss(x, logits, likelihood).mean()
-    kl = kl_to_standard_normal(mu, logvar).mean()
-    return recon + kl, recon, kl
-
-
-def iwae_log_weights(model, x: torch.Tensor, k: int, likelihood: str, y: torch.Tensor | None = None,
-                     chunk: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
-    """log w_j = log p(x|z_j) + log p(z_j) - log q(z_j|x), z_j ~ q(z|x), j = 1..k. x: [B, C, H, W] -> [k, B].
-
-    The k samples are decoded in chunks of `chunk` samples at a time (each chunk one batched decode of
-    chunk * B images). The noise comes from `generator` (on x's device), else the global torch RNG.
-    """
-    mu, logvar = model.encode(x, y)
-    out = []
-    for start in range(0, k, chunk):
-        kk = min(chunk, k - start)
-        eps = torch.randn(kk, *mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        z = mu + torch.exp(0.5 * logvar) * eps  # [kk, B, D]
-        yy = None if y is None else y.repeat(kk)
-        logits = model.decode(z.reshape(-1, z.shape[-1]), yy).view(kk, *x.shape)
-        out.append(log_px(x, logits.float(), likelihood) + log_standard_normal(z) - log_normal(z, mu, logvar))
-    return torch.cat(out, 0)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """A trained run, loaded from its directory: the Python API behind `vaedraw sample`, `reconstruct`, ...
 
     run = vaedraw.load_run("runs/mnist")
-    mu, logvar = run.encode(x)          # x: [B, 1, 28, 28] in [0, 1]
-    x_mean = run.decode(z)              # z: [n, D] -> pixel means [n, 1, 28, 28]
+    mu, logvar = run.encode(x)          # x: [B, C, H, W] in [0, 1] (run.image_shape) -> the code posterior [B, D]
+    x_mean = run.decode(z)              # codes z: [n, D] -> pixel means [n, C, H, W]
     x_new = run.sample(64, sampler="gmm", seed=0)
     x_rec = run.reconstruct(x)          # decode(mu(x)), dropout off
+
+Codes are what the model exposes to tools (models.py): D = run.latent_dim = the model's code_dim.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +23,35 @@ from .errors import CheckpointError, VaedrawError
 from .models import VAE
 from .sample import GMM_NAME, GaussianMixture, decode_means, draw_codes
 
-N_DIGITS = 10
+DATA_SOURCE_NAME = "data.json"  # where a run records the data it was trained on
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else the CPU; 'cuda' without a GPU is an error."""
-    if device == "auto":
+    """'auto' picks CUDA when available, else the CPU; 'cpu', 'cuda' and 'cuda:N' must exist here.
+
+    Anything else (mps, xla, meta, a typo) is refused: the models and their fast paths are written
+    and tested for CPUs and CUDA GPUs only.
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VaedrawError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise VaedrawError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise VaedrawError(f"--device {device!r} is not one vaedraw runs on; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise VaedrawError(f"--device {device!r}: there is one CPU device; use --device cpu")
+        return dev
+    if not torch.cuda.is_available():
+        raise VaedrawError(f"--device {device} was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise VaedrawError(f"--device {device}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                           f"(cuda:0..cuda:{count - 1})")
+    return dev
 
 
 @dataclass
@@ -45,6 +64,7 @@ class Run:
     step: int
     metrics: dict
     gmm: GaussianMixture | None = None
+    data_source: dict | None = None  # {"train": provenance, "test": provenance}; None for runs saved before
 
     @property
     def device(self) -> torch.device:
@@ -52,7 +72,16 @@ class Run:
 
     @property
     def latent_dim(self) -> int:
-        return self.model.latent_dim
+        """The size D of the codes tools see (the model's code_dim)."""
+        return self.model.code_dim
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.model.image_shape)
+
+    @property
+    def n_classes(self) -> int:
+        return self.model.n_classes
 
     @property
     def conditional(self) -> bool:
@@ -74,14 +103,18 @@ class Run:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, 1, 28, 28] in [0, 1] -> (mu, logvar) [B, D] on the CPU."""
+        """x: [B, C, H, W] in [0, 1] -> the code posterior (mu, logvar) [B, D] on the CPU."""
         y = self.check_labels(y)
+        x = torch.as_tensor(x)
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise VaedrawError(f"images must have shape [B, {', '.join(map(str, self.image_shape))}], "
+                               f"got {list(x.shape)}")
         mu, logvar = self.model.encode(x.to(self.device).float(), None if y is None else y.to(self.device))
         return mu.float().cpu(), logvar.float().cpu()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """z: [n, D] -> pixel means [n, 1, 28, 28] in [0, 1] on the CPU."""
+        """codes z: [n, D] -> pixel means [n, C, H, W] in [0, 1] on the CPU."""
         z = torch.as_tensor(z, dtype=torch.float32)
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise VaedrawError(f"codes must have shape [n, {self.latent_dim}], got {list(z.shape)}")
@@ -97,13 +130,13 @@ class Run:
               temperature: float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """n codes [n, D] from `sampler` (default: `default_sampler`); y [n] for conditional runs."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        return draw_codes(sampler or self.default_sampler, n, self.latent_dim,
+        return draw_codes(sampler or self.default_sampler, n, self.model,
                           temperature=self.config.sample.temperature if temperature is None else temperature,
                           gmm=self.gmm, generator=g, y=y)
 
     def sample(self, n: int, sampler: str | None = None, seed: int | None = None,
                temperature: float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """n new images (pixel means) [n, 1, 28, 28]. For a conditional run, y: [n] labels; its gmm
+        """n new images (pixel means) [n, C, H, W]. For a conditional run, y: [n] labels; its gmm
         sampler draws z | y from the components fitted to that digit's codes."""
         if n < 0:
             raise VaedrawError(f"-n must be positive, got {n}")
@@ -114,22 +147,52 @@ class Run:
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """decode(mu(x)) with dropout off: [B, 1, 28, 28] -> [B, 1, 28, 28] pixel means."""
+        """decode(mu(x)) with dropout off: [B, C, H, W] -> [B, C, H, W] pixel means."""
         mu, _ = self.encode(x, y)
         return self.decode(mu, y)
 
+    def load_split(self, split: str, data_dir: str | Path | None = None, progress: bool = True):
+        """The `split` ("train" or "test") of the data this run was trained on (`data.load_recorded`:
+        other data are refused with a message saying which to pass); for a run saved before runs
+        recorded their data, the config's data set from `data_dir` or the usual places."""
+        from . import data
 
-def load_run(run_dir: str | Path, device: str = "auto") -> Run:
-    """Load a run directory written by `vaedraw train` (rebuilding the model from its stored config)."""
+        if self.data_source is None:
+            return data.load_split(self.config.data.dataset, split, data_dir, progress=progress)
+        return data.load_recorded(self.data_source[split], split, data_dir, progress=progress)
+
+
+def load_run(run_dir: str | Path, device: str = "auto", with_gmm: bool = True) -> Run:
+    """Load a run directory written by `vaedraw train` (rebuilding the model from its stored config).
+
+    with_gmm=False leaves the fitted mixture unread (`vaedraw fit-gmm` replaces it, even a damaged one)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist; train one with `vaedraw train --out {run_dir}`")
+    if not run_dir.is_dir():  # a mistyped path: a usage error, not a damaged run
+        raise VaedrawError(f"run directory {run_dir} does not exist; train one with `vaedraw train --out {run_dir}`")
     path = run_dir / ckpt_io.CHECKPOINT_NAME
     ckpt = ckpt_io.load(path)
     model = ckpt_io.model_from_checkpoint(ckpt, path).to(resolve_device(device)).eval()
     gmm_path = run_dir / GMM_NAME
-    gmm = GaussianMixture.load(gmm_path) if gmm_path.exists() else None
-    if gmm is not None and gmm.means.shape[1] != model.latent_dim:
+    gmm = GaussianMixture.load(gmm_path) if with_gmm and gmm_path.exists() else None
+    if gmm is not None and gmm.means.shape[1] != model.code_dim:
         raise CheckpointError(f"{gmm_path} was fitted to {gmm.means.shape[1]}-d codes but the model's are "
-                              f"{model.latent_dim}-d; refit it")
-    return Run(run_dir=run_dir, config=ckpt.config, model=model, step=ckpt.step, metrics=ckpt.metrics, gmm=gmm)
+                              f"{model.code_dim}-d; refit it")
+    return Run(run_dir=run_dir, config=ckpt.config, model=model, step=ckpt.step, metrics=ckpt.metrics, gmm=gmm,
+               data_source=read_data_source(run_dir))
+
+
+def read_data_source(run_dir: Path) -> dict | None:
+    """The data a run recorded at training start (`data.json`: {"train": provenance, "test": provenance}),
+    or None for a run saved before runs recorded it. A damaged file is a CheckpointError naming it."""
+    path = Path(run_dir) / DATA_SOURCE_NAME
+    if not path.exists():
+        return None
+    try:
+        source = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable data record ({type(e).__name__}); it is written by "
+                              "`vaedraw train`: restore it or retrain") from None
+    if (not isinstance(source, dict) or not all(isinstance(source.get(k), dict) for k in ("train", "test"))):
+        raise CheckpointError(f"{path} is not a data record (it needs \"train\" and \"test\" entries); "
+                              "restore it or retrain")
+    return source

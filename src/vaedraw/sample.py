@@ -1,9 +1,12 @@
-"""Drawing from a trained model: samplers for z, decoding to pixel means, reconstructions.
+"""Drawing from a trained model: samplers for codes, decoding to pixel means, reconstructions.
 
-Samplers (all return z: [n, D]):
-- prior: z ~ N(0, t^2 I) with temperature t.
+Everything here sees a model through its code (models.py): `encode_means` gives the codes of images,
+`decode_means` the pixel means of codes, `model.prior_codes` draws codes from the prior.
+
+Samplers (all return codes [n, D], D = model.code_dim):
+- prior: the model's prior at temperature t (one Gaussian latent: z ~ N(0, t^2 I)).
 - gmm: ex-post density estimation (Ghosh et al. 2020): a Gaussian mixture fitted by scikit-learn to the
-  encoder means of the training images after training, stored as tensors in `RUN_DIR/gmm.safetensors`
+  codes of the training images after training, stored as tensors in `RUN_DIR/gmm.safetensors`
   and sampled here in torch, so drawing is instant and loading executes no code.
 """
 
@@ -14,14 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from . import data as data_mod
 from . import fastpath
 from .checkpoint import atomic_write_bytes
 from .errors import CheckpointError, VaedrawError
 
 GMM_NAME = "gmm.safetensors"
 SAMPLERS = ("prior", "gmm")
+# Bounds on a mixture file read from disk (a fitted one is far below them): components, code size, and
+# the elements of its Cholesky factors, checked before any tensor is read.
+MAX_COMPONENTS = 10_000
+MAX_CODE_DIM = 4096
+MAX_MIXTURE_ELEMENTS = 256 * 1024 * 1024
 
 
 @dataclass
@@ -61,17 +71,36 @@ class GaussianMixture:
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianMixture:
+        """Read a mixture file, refusing (CheckpointError naming the file) one that is unreadable, too
+        large, of inconsistent shapes, non-finite, or whose weights are not a distribution."""
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{path}: {why}; refit it with `vaedraw fit-gmm RUN_DIR`")
+
         try:
-            t = load_file(str(path))
-            gmm = cls(t["weights"], t["means"], t["scale_tril"], t.get("labels"))
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                if not {"weights", "means", "scale_tril"} <= names:
+                    raise bad("not a mixture file (it lacks weights, means or scale_tril)")
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+                _check_mixture_shapes(shapes, bad)
+                t = {k: f.get_tensor(k) for k in ("weights", "means", "scale_tril", "labels") if k in names}
+        except CheckpointError:
+            raise
         except Exception as e:  # any unreadable or incomplete file means the same thing to the user
-            raise CheckpointError(f"{path} is not a readable mixture file ({e}); refit it with "
-                                  "`vaedraw fit-gmm RUN_DIR`") from None
-        k, d = gmm.means.shape
-        if (gmm.weights.shape != (k,) or gmm.scale_tril.shape != (k, d, d)
-                or (gmm.labels is not None and gmm.labels.shape != (k,))):
-            raise CheckpointError(f"{path}: mixture tensors have inconsistent shapes")
-        return gmm
+            raise bad(f"not a readable mixture file ({type(e).__name__})") from None
+        for k in ("weights", "means", "scale_tril"):
+            if not t[k].is_floating_point():
+                raise bad(f"its {k} are not floating-point numbers")
+            if not torch.isfinite(t[k]).all():
+                raise bad(f"its {k} hold non-finite numbers")
+        w = t["weights"].double()
+        if (w < 0).any() or abs(w.sum().item() - 1.0) > 1e-4:
+            raise bad(f"its weights are not a distribution (they must be >= 0 and sum to 1, sum {w.sum().item():.6g})")
+        labels = t.get("labels")
+        if labels is not None and (labels.is_floating_point() or labels.is_complex() or (labels < 0).any()):
+            raise bad("its labels are not class indices")
+        return cls(t["weights"].float(), t["means"].float(), t["scale_tril"].float(),
+                   None if labels is None else labels.long())
 
     @classmethod
     def fit(cls, z: np.ndarray, n_components: int, seed: int = 0, y: np.ndarray | None = None) -> GaussianMixture:
@@ -102,45 +131,69 @@ class GaussianMixture:
         )
 
 
-def prior_sample(n: int, latent_dim: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """z ~ N(0, temperature^2 I). -> [n, D]."""
-    return temperature * torch.randn(n, latent_dim, generator=generator)
+def _check_mixture_shapes(shapes: dict[str, tuple[int, ...]], bad) -> None:
+    """Shapes of a mixture file's tensors: weights [K], means [K, D], scale_tril [K, D, D], labels [K], bounded."""
+    means = shapes["means"]
+    if len(means) != 2:
+        raise bad(f"its means have shape {list(means)}, not [components, code size]")
+    k, d = means
+    if not (1 <= k <= MAX_COMPONENTS and 1 <= d <= MAX_CODE_DIM and k * d * d <= MAX_MIXTURE_ELEMENTS):
+        raise bad(f"its size ({k:,} components of {d:,}-d codes) is beyond what vaedraw fits "
+                  f"(at most {MAX_COMPONENTS:,} components, {MAX_CODE_DIM:,}-d)")
+    want = {"weights": (k,), "scale_tril": (k, d, d), "labels": (k,)}
+    wrong = [f"{name} {list(shapes[name])}" for name, shape in want.items() if name in shapes and shapes[name] != shape]
+    if wrong:
+        raise bad(f"mixture tensors have inconsistent shapes ({', '.join(wrong)} for {k} components of {d}-d codes)")
+
+
+def _as_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images [N, H, W] / [N, H, W, C] (the data layer's) or float [N, C, H, W] in [0, 1] -> float on device."""
+    images = images.to(device)
+    if images.is_floating_point():
+        return images.float()
+    return data_mod.to_float(images)
 
 
 @torch.no_grad()
 def encode_means(model, images: torch.Tensor, labels: torch.Tensor | None = None,
                  batch_size: int = 2000) -> torch.Tensor:
-    """Encoder means mu(x) of uint8 images [N, 28, 28] (embedding uses the mean, not a sample). -> [N, D]."""
+    """The codes of images: encoder means mu(x) (embedding uses the mean, not a sample), dropout off. -> [N, D]
+    float32 on the CPU.
+
+    images: uint8 as the data layer holds them ([N, H, W] grey, [N, H, W, C] colour) or float [N, C, H, W]
+    in [0, 1]; labels int64 [N], used by conditional models only.
+    """
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).unsqueeze(1).float().div_(255)
-        y = None if labels is None or not model.n_classes else labels[i:i + batch_size].to(device)
-        out.append(model.encode(x, y)[0].float().cpu())
-    return torch.cat(out)
+    try:
+        for i in range(0, len(images), batch_size):
+            x = _as_model_input(images[i:i + batch_size], device)
+            y = None if labels is None or not model.n_classes else labels[i:i + batch_size].to(device)
+            out.append(model.encode(x, y)[0].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.code_dim)
 
 
 def fit_gmm(model, images: torch.Tensor, labels: torch.Tensor | None, n_components: int, seed: int,
             out: str | Path) -> GaussianMixture:
-    """Fit the gmm sampler to the training set's encoder means and save it to `out`."""
-    was_training = model.training
-    model.eval()
+    """Fit the gmm sampler to the training set's codes and save it to `out`."""
     z = encode_means(model, images, labels).numpy()
-    model.train(was_training)
     y = labels.numpy() if labels is not None and model.n_classes else None
     gmm = GaussianMixture.fit(z, n_components, seed, y)
     gmm.save(out)
     return gmm
 
 
-def draw_codes(sampler: str, n: int, latent_dim: int, *, temperature: float = 1.0,
+def draw_codes(sampler: str, n: int, model, *, temperature: float = 1.0,
                gmm: GaussianMixture | None = None, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:
-    """n codes [n, D]; y [n] (conditional runs) selects the class-conditional mixture's components."""
+    """n codes [n, D] for `model`; y [n] (conditional runs) selects the class-conditional mixture's components."""
     check_sampler(sampler, gmm)
     if sampler == "prior":
-        return prior_sample(n, latent_dim, temperature, generator)
+        return model.prior_codes(n, temperature, generator)
     return gmm.sample(n, generator, y)
 
 
@@ -156,7 +209,7 @@ def check_sampler(sampler: str, gmm: GaussianMixture | None) -> None:
 @torch.no_grad()
 def decode_means(model, z: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 1000,
                  precision: str = "auto") -> torch.Tensor:
-    """Pixel means sigmoid(decode(z)) in [0, 1]. z: [n, D] -> [n, 1, 28, 28] float32 on the CPU.
+    """Pixel means sigmoid(decode(z)) in [0, 1]. z: [n, D] -> [n, C, H, W] float32 on the CPU.
 
     precision auto decodes in bfloat16 where the device computes it natively (`fastpath.inference_autocast`);
     batches of 1,000 keep a CPU's activations in cache (10,000 default-model digits: about 0.4 s on 2 cores).
@@ -167,12 +220,14 @@ def decode_means(model, z: torch.Tensor, y: torch.Tensor | None = None, batch_si
         for i in range(0, len(z), batch_size):
             yy = None if y is None else y[i:i + batch_size].to(device)
             out.append(torch.sigmoid(model.decode(z[i:i + batch_size].to(device), yy).float()).cpu())
-    return torch.cat(out) if out else torch.empty(0, 1, 28, 28)
+    return torch.cat(out) if out else torch.empty(0, *model.image_shape)
 
 
 def to_npz_array(x: torch.Tensor) -> np.ndarray:
-    """The interchange format: uint8 [n, 28, 28], each pixel round(255 * mean of the pixel distribution)."""
-    return torch.round(x.float().clamp(0, 1)[:, 0] * 255).to(torch.uint8).numpy()
+    """The interchange format, laid out as the data layer holds images: uint8 [n, H, W] (grey) or [n, H, W, C],
+    each pixel round(255 * mean of the pixel distribution). x: [n, C, H, W]."""
+    u8 = torch.round(x.float().clamp(0, 1) * 255).to(torch.uint8)
+    return (u8[:, 0] if u8.shape[1] == 1 else u8.permute(0, 2, 3, 1)).numpy()
 
 
 def save_npz(path: str | Path, x: torch.Tensor, **extra: np.ndarray) -> Path:

@@ -1,12 +1,8 @@
-"""Training: the loop, its monitoring, checkpoints, resume and interruption.
+"""Training: set-up (everything checked before the run directory is touched), the loop, its monitoring,
+the checkpointer, interruption and the end-of-run artifacts.
 
-A run directory holds everything about one run:
-    config.json            the resolved RunConfig (the checkpoint holds it too)
-    command.txt            the command lines that trained it (one per start or resume)
-    metrics.jsonl          one JSON object per log point: {"step", "split": "train"|"test", "loss", ...}
-    checkpoint.safetensors weights, optimizer, RNG states, config, versions (see checkpoint.py)
-    pictures/step_*.png    fixed test inputs, their reconstructions, and decodes of fixed codes
-    curves.png, progress.gif, samples.png, gmm.safetensors   written at the end
+The run directory and what a resume may change are rundir.py's; the checkpoint file format is
+checkpoint.py's; the step itself (precision, compile, CUDA graphs, fused Adam) is fastpath.py's.
 
 Batches are drawn by index from the whole dataset held as one uint8 tensor on the training device.
 The order is a fresh permutation per epoch, seeded by (seed, epoch), so it needs no saved state; the
@@ -14,21 +10,19 @@ global RNG (dropout, reparameterization noise, dynamic binarization) is saved in
 resumed run on the CPU ends with the same weights as an uninterrupted one (on the CPU's default fast path;
 torch.compile and CUDA graphs give up bitwise exactness, see docs/SPEED.md).
 
-The step itself (precision, compile, CUDA graphs, fused Adam) comes from fastpath.py. Under torchrun the
-loop is data-parallel (distributed.py): each process draws its rows of every global batch and of the
-global batch's noise, DistributedDataParallel averages the gradients, and rank 0 alone logs, shows the
-progress bar and writes the run directory.
+Under torchrun the loop is data-parallel (distributed.py): each process draws its rows of every global
+batch and of the global batch's noise, DistributedDataParallel averages the gradients, and rank 0 alone
+logs, shows progress and writes the run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import math
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,44 +36,31 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import fastpath
 from . import plots
-from .config import RunConfig, diff
-from .errors import ConfigError, VaedrawError
-from .evaluate import eval_inputs, test_loss
+from .config import RunConfig, build_config, steps_for_epochs, value_range
+from .errors import ConfigError, OutputError, TrainingDiverged, TrainingInterrupted, WorkerFailed
+from .evaluate import eval_inputs, heldout_loss
 from .models import build_model, count_parameters
-from .objectives import vae_loss
-from .run import resolve_device
+from .rundir import DISK_ERRNOS, RESUME_FREE_KEYS, RunDir, check_checkpoint_fits, settle_config
+from .run import load_run, resolve_device
 from .sample import GMM_NAME, decode_means, fit_gmm
 
-# Changing these on resume is harmless: they do not change the model or the optimization.
-RESUME_FREE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.picture_every",
-                    "train.checkpoint_every", "train.eval_images", "sample.gmm_components", "sample.fit_gmm",
-                    "sample.sampler", "sample.temperature", "train.compile", "train.precision"}
+__all__ = ["Batcher", "Checkpointer", "Monitor", "RESUME_FREE_KEYS", "TrainingDiverged", "TrainingInterrupted",
+           "finish_run", "learning_rate", "train"]
+
 N_FIXED = 10  # fixed test inputs (and codes per row) in the monitoring picture
-# A write to the run directory that fails with one of these is the user's to fix (space, permissions), not a bug.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-class TrainingInterrupted(VaedrawError):
-    """SIGINT/SIGTERM arrived: a checkpoint was saved; `exit_code` is 128 + the signal number."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class TrainingDiverged(VaedrawError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-    exit_code = 3
+# The mixture fit's time per training image: encoding it, plus EM per component (measured on 2 shared CPU
+# cores: 60,000 images take about 5 s with 3 components and about 150 s with 100).
+GMM_SECONDS_PER_IMAGE = 7e-5
+GMM_SECONDS_PER_IMAGE_COMPONENT = 2.4e-5
 
 
 # ----------------------------------------------------------------------------- batches
 class Batcher:
     """Draw the batch for global step s by index from device-resident data.
 
-    images: uint8 [N, 28, 28] on the device; labels: int64 [N]. Each epoch is a permutation seeded by
-    (seed, epoch); step s takes slice s mod (N // B) of it (the last partial batch is dropped). With
-    `world` processes, rank r takes its contiguous share of every global batch.
+    images: uint8 [N, H, W] or [N, H, W, C] on the device; labels: int64 [N]. Each epoch is a permutation
+    seeded by (seed, epoch); step s takes slice s mod (N // B) of it (the last partial batch is dropped).
+    With `world` processes, rank r takes its contiguous share of every global batch.
     """
 
     def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1):
@@ -103,9 +84,12 @@ class Batcher:
         return self._perm[start:start + local]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> x float [B, 1, 28, 28] in [0, 1], y int64 [B]."""
+        """-> x float [B, C, H, W] in [0, 1], y int64 [B]."""
         idx = self.indices(step)
-        return self.images[idx].unsqueeze(1).float().div_(255), self.labels[idx]
+        return data_mod.to_float(self.images[idx]), self.labels[idx]
+
+
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")  # train.lr_schedule; learning_rate reads them
 
 
 def learning_rate(step: int, cfg: RunConfig) -> float:
@@ -117,30 +101,6 @@ def learning_rate(step: int, cfg: RunConfig) -> float:
     return t.lr * (t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def make_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.Adam:
-    """The plain optimizer of `train_step` (the training loop uses fastpath.make_optimizer)."""
-    t = cfg.train
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fast)
-
-
-def train_step(model, opt, x, y, cfg: RunConfig) -> torch.Tensor:
-    """One plain eager optimizer step on a batch; returns [loss, recon, kl] detached (no host sync).
-
-    The straightforward reference (benchmarks/speed.py measures the fast path against it); the training
-    loop runs fastpath.FastStep.
-    """
-    if cfg.data.binarize == "dynamic":
-        x = torch.bernoulli(x)
-    logits, mu, logvar, _ = model(x, y if model.n_classes else None)
-    loss, recon, kl = vae_loss(x, logits.float(), mu.float(), logvar.float(), cfg.model.likelihood)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return torch.stack([loss, recon, kl]).detach()
-
-
-# ----------------------------------------------------------------------------- run directory
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -154,67 +114,98 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu(), device)
 
 
-def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, keep: str | None,
-                    overrides_given: bool) -> tuple[RunConfig, ckpt_io.Checkpoint | None]:
-    """Check the run directory and settle the config. Returns (config to use, checkpoint to resume or None).
+# ----------------------------------------------------------------------------- monitoring
+@dataclass
+class Monitor:
+    """Fixed test inputs and fixed codes, decoded at every picture step so pictures compare across time."""
 
-    Never overwrites another run silently: a directory that already holds a run needs --resume, and any
-    other non-empty directory is refused. On resume, a requested config that differs from the stored one
-    (beyond RESUME_FREE_KEYS) is refused unless `keep` says which to use ('stored' or 'new').
-    """
-    ckpt_path = out / ckpt_io.CHECKPOINT_NAME
-    has_run = ckpt_path.exists() or (out / "config.json").exists()
-    if not resume:
-        if has_run and not ckpt_path.exists():  # stopped before its first checkpoint: nothing to continue
-            raise VaedrawError(f"{out} holds a run that stopped before its first checkpoint; delete it or choose "
-                               "another --out")
-        if has_run:
-            raise VaedrawError(f"{out} already holds a run; continue it with --resume, or choose another --out")
-        if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-            raise VaedrawError(f"{out} exists and is not empty; choose a new or empty --out directory")
-        return cfg, None
-    if not ckpt_path.exists():
-        hint = ("it stopped before its first checkpoint: delete it or choose another --out" if has_run
-                else "start a new run without --resume")
-        raise VaedrawError(f"--resume: {out} holds no checkpoint to resume; {hint}")
-    ckpt = ckpt_io.load(ckpt_path)
-    ckpt_io.model_from_checkpoint(ckpt, ckpt_path)  # tampered config or weights: refused here, not mid-load
-    stored = ckpt.config
-    if not overrides_given:
-        return stored, ckpt
-    changed = {k: v for k, v in diff(stored, cfg).items() if k not in RESUME_FREE_KEYS}
-    if changed and keep is None:
-        lines = ", ".join(f"{k}: stored {a!r} vs requested {b!r}" for k, (a, b) in changed.items())
-        raise ConfigError(f"--resume: the requested config disagrees with the stored one ({lines}); "
-                          "pass --keep stored to continue as stored, or --keep new to use the requested values")
-    if keep == "stored":
-        for k in RESUME_FREE_KEYS:  # still honour harmless changes such as a longer run
-            section, name = k.split(".")
-            setattr(getattr(stored, section), name, getattr(getattr(cfg, section), name))
-        return stored, ckpt
-    network_keys = [k for k in changed if k.startswith("model.")]
-    if keep == "new" and network_keys:
-        from dataclasses import replace
+    x: torch.Tensor  # [N_FIXED, C, H, W] on the CPU
+    y: torch.Tensor  # [N_FIXED] on the CPU
+    z: torch.Tensor  # [3 * N_FIXED, D]
+    zy: torch.Tensor | None  # labels for the fixed codes (conditional runs): 0, 1, ... per row
 
-        try:  # the stored weights must fit the requested network (dropout may change, sizes may not)
-            ckpt_io.model_from_checkpoint(replace(ckpt, config=cfg), ckpt_path)
-        except VaedrawError:
-            raise ConfigError(f"--resume --keep new: the stored weights do not fit the requested network "
-                              f"({', '.join(network_keys)} changed); start a new run in another --out") from None
-    return cfg, ckpt
+    @classmethod
+    def for_run(cls, test_split, model, seed: int) -> Monitor:
+        g = torch.Generator().manual_seed(seed + 1)
+        zy = (torch.arange(N_FIXED) % model.n_classes).repeat(3) if model.n_classes else None
+        return cls(x=eval_inputs(test_split.images[:N_FIXED], False), y=test_split.labels[:N_FIXED],
+                   z=torch.randn(3 * N_FIXED, model.code_dim, generator=g), zy=zy)
+
+    @torch.no_grad()
+    def picture(self, model) -> torch.Tensor:
+        """-> [5 * N_FIXED, C, H, W] on the CPU: the inputs, their reconstructions, decodes of the fixed codes."""
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        y = self.y.to(dev) if model.n_classes else None
+        mu, _ = model.encode(self.x.to(dev), y)
+        rec = decode_means(model, mu, y)
+        gen = decode_means(model, self.z, self.zy)
+        model.train(was)
+        return torch.cat([self.x, rec, gen])
+
+
+class Progress:
+    """A tqdm bar on a terminal; when stderr is a log file, a plain line about every tenth of the run."""
+
+    def __init__(self, total: int, start: int, enabled: bool, file=sys.stderr):
+        self.total, self.start, self.enabled, self.file = total, start, enabled, file
+        self.tty = enabled and hasattr(file, "isatty") and file.isatty()
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=file) if self.tty else None
+        self.every = max(1, (total - start) // 10)
+        self.stats = ""
+        self._last_step, self._last_t = start, time.perf_counter()
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and ((step - self.start) % self.every == 0 or step == self.total):
+            now = time.perf_counter()
+            rate = (step - self._last_step) / max(now - self._last_t, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else 0.0
+            print(f"vaedraw: step {step:,}/{self.total:,} ({100 * step // max(1, self.total)}%){self.stats}, "
+                  f"{rate:.1f} steps/s, {eta:.0f} s left", file=self.file, flush=True)
+            self._last_step, self._last_t = step, now
+
+    def show(self, loss: float, recon: float, kl: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{images_per_s:.0f}",
+                                 refresh=False)
+        self.stats = f", loss {loss:.2f} (recon {recon:.2f}, kl {kl:.2f}), {images_per_s:.0f} images/s"
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.file)
+        elif self.enabled:
+            print(text, file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- signals
+class _Stopped(BaseException):
+    """A signal during a phase that cannot pause at a step boundary (the mixture fit)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def _stop_on_signals():
-    """Turn SIGINT/SIGTERM into a flag checked after each step, so the loop can save and exit cleanly."""
+def _signals(immediate: bool = False):
+    """SIGINT/SIGTERM become a flag checked after each step (so the loop saves and exits cleanly), or with
+    `immediate` a _Stopped raised where the program is."""
     received: list[int] = []
 
     def handler(signum, frame):
-        if received:  # a second Ctrl-C while saving: leave immediately; the old checkpoint is intact
+        if immediate:
+            raise _Stopped(signum)
+        if signum in received:  # a second Ctrl-C while saving: leave immediately; the old checkpoint is intact
             raise KeyboardInterrupt
+        # (a SIGTERM after a SIGINT is torchrun passing the same stop on to its workers: keep saving)
         received.append(signum)
-
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -227,224 +218,329 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint's step (they will be written again)."""
-    rows = [r for r in plots.read_metrics(path) if r.get("step", 0) <= step]
-    ckpt_io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+# ----------------------------------------------------------------------------- the checkpointer
+class Checkpointer:
+    """Writes the run's checkpoint atomically, and only a finite state: a state that went non-finite since
+    the last log point never replaces the last good checkpoint. Knows what to tell the user when it cannot."""
+
+    def __init__(self, rundir: RunDir, session: _Session):
+        self.rundir, self.s = rundir, session
+        self.saved_step: int | None = session.start if session.ckpt is not None else None
+
+    def diverged(self, step: int, what: str) -> TrainingDiverged:
+        s = self.s
+        if self.saved_step is None:
+            kept = (f"no checkpoint had been saved yet: delete {self.rundir.path} or choose another --out, "
+                    "and start again")
+        else:
+            kept = (f"stopped without saving, so {self.rundir.checkpoint} still holds the last good state (step "
+                    f"{self.saved_step}); continue from it with `{s.resume_command()} --keep new --lr SMALLER`")
+        return TrainingDiverged(f"{what} near step {step}; {kept}. Likely causes: a learning rate too high for "
+                                "this model (try a smaller --lr), or bad input data")
+
+    def _finite(self, window: torch.Tensor) -> bool:
+        # Weights can be finite yet overflow the forward pass (after a huge step), so the loss of a few fixed
+        # test images is checked too (one host sync per checkpoint).
+        s = self.s
+        finite = torch.stack([torch.isfinite(window).all(), *(torch.isfinite(p).all() for p in s.model.parameters())])
+        probe = heldout_loss(s.model, s.x_test[:N_FIXED], s.y_test[:N_FIXED])["loss"]
+        return bool(finite.all()) and math.isfinite(probe)
+
+    def save(self, step: int, metrics: dict, window: torch.Tensor) -> None:
+        s = self.s
+        if not self._finite(window):
+            raise self.diverged(step, "the training loss or the weights became non-finite")
+        path = self.rundir.checkpoint
+        try:
+            ckpt_io.save(path, ckpt_io.Checkpoint(
+                config=s.cfg, model_state=s.model.state_dict(), step=step,
+                optim_state=fastpath.optimizer_state_for_saving(s.opt), rng=_rng_state(s.dev), metrics=metrics,
+                image_shape=tuple(s.model.image_shape)))
+        except SafetensorError as e:  # safetensors reports its own write failures (a full disk) this way
+            kept = "no checkpoint had been saved yet" if self.saved_step is None else \
+                f"the checkpoint of step {self.saved_step} is intact"
+            raise OutputError(f"could not write {path} ({e}); {kept}: free some space or fix the folder's "
+                              f"permissions, then continue with `{s.resume_command()}`") from None
+        self.saved_step = step
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- set-up
 @dataclass
-class Monitor:
-    """Fixed test inputs and fixed codes, decoded at every picture step so pictures compare across time."""
+class _Session:
+    """Everything a run needs, built and checked before the run directory is written."""
 
-    x: torch.Tensor  # [N_FIXED, 1, 28, 28]
-    y: torch.Tensor  # [N_FIXED]
-    z: torch.Tensor  # [3 * N_FIXED, D]
-    zy: torch.Tensor | None  # labels for the fixed codes (conditional runs): 0..9 per row
+    cfg: RunConfig
+    ctx: dist_mod.Context
+    rundir: RunDir
+    ckpt: ckpt_io.Checkpoint | None
+    train_split: data_mod.Split
+    test_split: data_mod.Split
+    model: torch.nn.Module
+    opt: torch.optim.Adam
+    step_fn: fastpath.FastStep
+    plan: fastpath.Plan
+    batcher: Batcher
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    start: int
+    continue_argv: list[str]
 
-    @torch.no_grad()
-    def picture(self, model) -> torch.Tensor:
-        was = model.training
-        model.eval()
-        mu, _ = model.encode(self.x, self.y if model.n_classes else None)
-        rec = decode_means(model, mu, self.y if model.n_classes else None).to(self.x.device)
-        gen = decode_means(model, self.z, self.zy).to(self.x.device)
-        model.train(was)
-        return torch.cat([self.x.float(), rec, gen]).cpu()
+    @property
+    def dev(self) -> torch.device:
+        return self.ctx.device
 
-
-def train(cfg: RunConfig, out: str | Path, *, device: str = "auto", data_dir: str | Path | None = None,
-          resume: bool = False, keep: str | None = None, overrides_given: bool = True, progress: bool = True,
-          epochs: float | None = None, argv: list[str] | None = None) -> Path:
-    """Train a VAE per `cfg` into the run directory `out` and return it. See the module docstring.
-
-    `epochs`, if given, sets cfg.train.steps to ceil(epochs * training images / batch size). Under torchrun
-    every process calls this; rank 0 alone writes `out`.
-    """
-    out = Path(out)
-    ctx = dist_mod.setup(resolve_device(device))
-    try:
-        return _train(cfg, out, ctx, data_dir, resume, keep, overrides_given, progress, epochs, argv)
-    except OSError as e:
-        if e.errno not in _DISK_ERRNOS:
-            raise
-        where = f" ({e.filename})" if e.filename else ""
-        raise VaedrawError(f"cannot write to the run directory {out}: {e.strerror}{where}; free some space or fix "
-                           f"its permissions, then continue with `vaedraw train --out {out} --resume` (the last "
-                           "checkpoint written there is intact)") from e
-    finally:
-        dist_mod.teardown(ctx)
+    def resume_command(self) -> str:
+        """The exact command that continues this run (every option it needs to find its data and device)."""
+        return shlex.join(["vaedraw", "train", *self.continue_argv])
 
 
-def _train(cfg: RunConfig, out: Path, ctx: dist_mod.Context, data_dir, resume: bool, keep: str | None,
-           overrides_given: bool, progress: bool, epochs: float | None, argv: list[str] | None) -> Path:
-    cfg, ckpt = prepare_run_dir(out, cfg, resume, keep, overrides_given)
-    dist_mod.barrier(ctx)  # every process has read the directory before rank 0 writes to it
-    dev, main = ctx.device, ctx.is_main
+def _settle(rundir: RunDir, cfg: RunConfig | None, changes: dict | None, resume: bool, keep: str | None):
+    """-> (the config to train with, the checkpoint to resume or None). Reads only."""
+    ckpt = rundir.inspect(resume)
+    if ckpt is None:
+        cfg = build_config("default", None, dict(changes or {})) if cfg is None else cfg
+        return cfg, None
+    return settle_config(ckpt, cfg, changes, keep, rundir.checkpoint), ckpt
+
+
+def _load_data(cfg: RunConfig, rundir: RunDir, ckpt, data_dir, progress: bool):
+    """A new run: the data set the config names. A resumed run: exactly the data it recorded, or a refusal."""
+    recorded = rundir.data_source() if ckpt is not None else None
+    if recorded is None:  # a new run, or one saved before runs recorded their data
+        return data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress)
+    if recorded["train"].get("dataset") != cfg.data.dataset:
+        raise ConfigError(f"--resume: this run was trained on {recorded['train'].get('dataset')!r}, not "
+                          f"{cfg.data.dataset!r}; a resumed run keeps its data: start a new run in another --out")
+    return tuple(data_mod.load_recorded(recorded[split], split, data_dir, progress=progress)
+                 for split in ("train", "test"))
+
+
+def _set_steps(cfg: RunConfig, epochs: float | None, n_train: int) -> None:
     t = cfg.train
-    plan = fastpath.choose_plan(t, cfg.model.arch, dev, distributed=ctx.enabled)
-
-    train_split, test_split = data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress and main)
     if epochs is not None:
-        t.steps = math.ceil(epochs * len(train_split) / t.batch_size)
-    images, labels = train_split.images.to(dev), train_split.labels.to(dev)
-    n_eval = min(t.eval_images, len(test_split))
-    x_test = eval_inputs(test_split.images[:n_eval], cfg.model.likelihood == "bernoulli").to(dev)
-    y_test = test_split.labels[:n_eval].to(dev)
+        t.steps = steps_for_epochs(epochs, n_train, t.batch_size)
+    if t.steps not in value_range("train.steps"):  # a config built in code skips the checks of --set
+        raise ConfigError(f"train.steps={t.steps:,} is out of range {value_range('train.steps')}")
 
+
+def _build(cfg: RunConfig, ctx: dist_mod.Context, train_split, ckpt):
+    """The model, optimizer and step for this run, the checkpoint's state loaded. Same order of random draws
+    as always (seed, then the model's initialization), so a run from a seed is reproducible."""
+    dev, t = ctx.device, cfg.train
+    plan = fastpath.choose_plan(t, cfg.model.arch, dev, distributed=ctx.enabled)
     torch.manual_seed(t.seed)
     noise = fastpath.Noise(ctx.rank, ctx.world)
-    model = fastpath.prepare_model(build_model(cfg.model).to(dev), plan, noise)
+    model = fastpath.prepare_model(build_model(cfg.model, train_split.shape).to(dev), plan, noise)
     opt = fastpath.make_optimizer(model, cfg, dev, plan)
-    start = 0
-    metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
         fresh = fastpath.make_optimizer(model, cfg, dev, plan)
         opt.load_state_dict(ckpt.optim_state)
         fastpath.restore_optimizer_flags(opt, fresh)
         _set_rng_state(ckpt.rng, dev)
-        start = ckpt.step
+    return model, opt, fastpath.FastStep(model, opt, cfg, plan, noise, ddp=ctx.enabled), plan
+
+
+def _continue_argv(out: Path, opts: dict, ctx: dist_mod.Context) -> list[str]:
+    """The options of `vaedraw train` that continue this run: its directory, its data folder, its device."""
+    argv = ["--out", str(out), "--resume"]
+    if opts["data_dir"] is not None:
+        argv += ["--data-dir", str(opts["data_dir"])]
+    return argv + ["--device", opts["device"]] + (["--nproc", str(ctx.world)] if ctx.enabled else [])
+
+
+def _set_up(cfg, out: Path, ctx, rundir: RunDir, opts: dict) -> _Session:
+    """Check and build everything; nothing is written (the directory lock is taken if it exists)."""
+    if ctx.is_main:
+        rundir.lock()
+    cfg, ckpt = _settle(rundir, cfg, opts["changes"], opts["resume"], opts["keep"])
+    train_split, test_split = _load_data(cfg, rundir, ckpt, opts["data_dir"], opts["progress"] and ctx.is_main)
+    cfg.data.subset = bool(train_split.provenance.get("subset"))  # config.json says when it is the bundled subset
+    if ckpt is not None:
+        check_checkpoint_fits(ckpt, train_split.shape, rundir.checkpoint)
+    _set_steps(cfg, opts["epochs"], len(train_split))
+    dev, t = ctx.device, cfg.train
+    batcher = Batcher(train_split.images.to(dev), train_split.labels.to(dev), t.batch_size, t.seed, ctx.rank,
+                      ctx.world)
+    model, opt, step_fn, plan = _build(cfg, ctx, train_split, ckpt)
+    n_eval = min(cfg.train.eval_images, len(test_split))
+    return _Session(
+        cfg=cfg, ctx=ctx, rundir=rundir, ckpt=ckpt, train_split=train_split, test_split=test_split, model=model,
+        opt=opt, step_fn=step_fn, plan=plan, batcher=batcher, start=ckpt.step if ckpt is not None else 0,
+        continue_argv=_continue_argv(out, opts, ctx),
+        x_test=eval_inputs(test_split.images[:n_eval], model.likelihood == "bernoulli").to(dev),
+        y_test=test_split.labels[:n_eval].to(dev))
+
+
+# ----------------------------------------------------------------------------- the API
+def train(cfg: RunConfig | None, out: str | Path, *, device: str = "auto", data_dir: str | Path | None = None,
+          resume: bool = False, keep: str | None = None, changes: dict | None = None, progress: bool = True,
+          epochs: float | None = None, argv: list[str] | None = None) -> Path:
+    """Train a VAE per `cfg` into the run directory `out` and return it. See the module docstring.
+
+    `cfg` None: on --resume the stored config, else the default preset, with `changes` (config keys ->
+    values, as `--set` takes them) applied. A given `cfg` on resume is reconciled with the stored one
+    (rundir.settle_config; `keep` 'stored' or 'new'). `epochs`, if given, sets cfg.train.steps to
+    ceil(epochs * training images / batch size). Under torchrun every process calls this; rank 0 alone
+    writes `out`.
+    """
+    out, rundir = Path(out), RunDir(out)
+    opts = {"changes": changes, "resume": resume, "keep": keep, "data_dir": data_dir, "progress": progress,
+            "epochs": epochs, "device": device}
+    ctx = dist_mod.setup(resolve_device(device))
+    try:
+        session = _set_up(cfg, out, ctx, rundir, opts)
+        dist_mod.barrier(ctx)  # every process has read the directory before rank 0 writes to it
+        _run(session, argv, progress)
+        return out
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS or not str(e.filename or out).startswith(str(out)):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        again = shlex.join(["vaedraw", "train", *_continue_argv(out, opts, ctx)])
+        raise OutputError(f"cannot write to the run directory {out}: {e.strerror}{where}; free some space or fix "
+                          f"its permissions, then continue with `{again}` (the last checkpoint written there is "
+                          "intact)") from e
+    except RuntimeError as e:
+        if not (ctx.enabled and dist_mod.is_peer_failure(e)):
+            raise
+        raise WorkerFailed(f"worker {ctx.rank}: lost contact with another worker (it ended or was killed); the last "
+                           f"checkpoint in {out} is intact: continue with "
+                           f"`{shlex.join(['vaedraw', 'train', *_continue_argv(out, opts, ctx)])}`") from None
+    finally:
+        rundir.unlock()
+        dist_mod.teardown(ctx)
+
+
+def _run(s: _Session, argv: list[str] | None, progress: bool) -> None:
+    cfg, main = s.cfg, s.ctx.is_main
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (*out.glob(".*.tmp"), *out.glob("pictures/.*.tmp")):  # a process killed mid-write left it
-            stale.unlink(missing_ok=True)
-        if ckpt is not None:
-            _truncate_metrics(metrics_path, start)
-        ckpt_io.atomic_write_text(out / "config.json", cfg.to_json() + "\n")
-        with open(out / "command.txt", "a") as f:
-            f.write(shlex.join(argv if argv is not None else sys.argv) + "\n")
-        (out / "pictures").mkdir(exist_ok=True)
-
-    batcher = Batcher(images, labels, t.batch_size, t.seed, ctx.rank, ctx.world)
-    step_fn = fastpath.FastStep(model, opt, cfg, plan, noise, ddp=ctx.enabled)
-    g_fixed = torch.Generator().manual_seed(t.seed + 1)
-    zy = torch.arange(10).repeat(3) if cfg.model.n_classes else None
-    monitor = Monitor(
-        x=eval_inputs(test_split.images[:N_FIXED], False).to(dev), y=test_split.labels[:N_FIXED].to(dev),
-        z=torch.randn(3 * N_FIXED, cfg.model.latent_dim, generator=g_fixed), zy=zy,
-    )
-
-    saved_step = start if ckpt is not None else None  # the step the checkpoint on disk holds
-
-    def diverged(step: int, what: str) -> TrainingDiverged:
-        path = out / ckpt_io.CHECKPOINT_NAME
-        if saved_step is None:
-            kept = f"no checkpoint had been saved yet: delete {out} or choose another --out, and start again"
-        else:
-            kept = (f"stopped without saving, so {path} still holds the last good state (step {saved_step}); "
-                    f"continue from it with `vaedraw train --out {out} --resume --keep new --lr SMALLER`")
-        return TrainingDiverged(f"{what} near step {step}; {kept}. Likely causes: a learning rate too high for "
-                                "this model (try a smaller --lr), or bad input data")
-
-    def save_checkpoint(step: int, metrics: dict) -> None:
-        nonlocal saved_step
-        # The loss is checked at log points only: never let a non-finite state since then replace the
-        # last good checkpoint. Weights can be finite yet overflow the forward pass (after a huge step),
-        # so the loss of a few fixed test images is checked too (one host sync per checkpoint).
-        finite = torch.stack([torch.isfinite(window).all(), *(torch.isfinite(p).all() for p in model.parameters())])
-        probe = test_loss(model, x_test[:N_FIXED], y_test[:N_FIXED], cfg.model.likelihood)["loss"]
-        if not (bool(finite.all()) and math.isfinite(probe)):
-            raise diverged(step, "the training loss or the weights became non-finite")
-        path = out / ckpt_io.CHECKPOINT_NAME
-        try:
-            ckpt_io.save(path, ckpt_io.Checkpoint(
-                config=cfg, model_state=model.state_dict(), step=step,
-                optim_state=fastpath.optimizer_state_for_saving(opt), rng=_rng_state(dev), metrics=metrics))
-        except SafetensorError as e:  # safetensors reports its own write failures (a full disk) this way
-            kept = "no checkpoint had been saved yet" if saved_step is None else \
-                f"the checkpoint of step {saved_step} is intact"
-            raise VaedrawError(f"could not write {path} ({e}); {kept}: free some space or fix the folder's "
-                               f"permissions, then continue with `vaedraw train --out {out} --resume`") from None
-        saved_step = step
-
-    def log(row: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    if main:
-        procs = f", {ctx.world} processes" if ctx.enabled else ""
-        print(f"vaedraw: training preset {cfg.preset!r} ({count_parameters(model):,} parameters) on "
-              f"{train_split.name} ({len(train_split):,} images), device {dev}{procs}, steps {start}->{t.steps}",
-              file=sys.stderr)
-        fastpath.announce(plan, dev)
-    last_metrics: dict = dict(ckpt.metrics) if ckpt else {}
-    model.train()
-    window = torch.zeros(3, device=dev)
-    window_steps, window_t0 = 0, time.perf_counter()
-    bar = tqdm(total=t.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True,
-               file=sys.stderr)
-    step = start
-    with _stop_on_signals() as signals:
-        try:
-            while step < t.steps:
-                x, y = batcher.batch(step)
-                window += step_fn(x, y, learning_rate(step, cfg))
-                window_steps += 1
-                step += 1
-                bar.update(1)
-                at_log = step % t.log_every == 0 or step == t.steps
-                if at_log:
-                    # the only regular host sync (and, with several processes, the only extra collective)
-                    loss, recon, kl = dist_mod.all_mean(window / window_steps, ctx).tolist()
-                    now = time.perf_counter()
-                    ips = window_steps * t.batch_size / (now - window_t0)
-                    if not all(math.isfinite(v) for v in (loss, recon, kl)):
-                        raise diverged(step, f"the training loss became {loss}")
-                    row = {"step": step, "split": "train", "loss": loss, "recon": recon, "kl": kl,
-                           "lr": learning_rate(step - 1, cfg), "images_per_s": ips}
-                    if main:
-                        log(row)
-                        bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{ips:.0f}")
-                    window.zero_()
-                    window_steps, window_t0 = 0, time.perf_counter()
-                    last_metrics["train"] = row
-                if main and (step % t.eval_every == 0 or step == t.steps):
-                    ev = test_loss(model, x_test, y_test, cfg.model.likelihood)
-                    row = {"step": step, "split": "test", **ev}
-                    log(row)
-                    last_metrics["test"] = row
-                    bar.write(f"step {step}: test loss {ev['loss']:.3f} (recon {ev['recon']:.3f}, kl {ev['kl']:.3f})")
-                if main and (step % t.picture_every == 0 or step == t.steps):
-                    plots.save_grid(monitor.picture(model), out / "pictures" / f"step_{step:07d}.png", nrow=N_FIXED)
-                if main and (step % t.checkpoint_every == 0 or step == t.steps):
-                    save_checkpoint(step, last_metrics)
-                # one process alone may have been signalled: with several, agree at log points only (a
-                # collective per step would cost a host sync per step)
-                stop = bool(signals) if not ctx.enabled else (at_log and dist_mod.any_flag(bool(signals), ctx, dev))
-                if stop:
-                    if main:
-                        save_checkpoint(step, last_metrics)
-                    name = signal.Signals(signals[0]).name if signals else "SIGTERM"
-                    raise TrainingInterrupted(
-                        f"{name} received: saved a checkpoint at step {step}; continue with "
-                        f"`vaedraw train --out {out} --resume`", 128 + (signals[0] if signals else signal.SIGTERM))
-        finally:
-            bar.close()
-
+        s.rundir.prepare(cfg, {"train": s.train_split.provenance, "test": s.test_split.provenance},
+                         argv if argv is not None else sys.argv, s.start if s.ckpt is not None else None)
+        procs = f", {s.ctx.world} processes" if s.ctx.enabled else ""
+        done = "; training is complete, finishing the run" if s.start >= cfg.train.steps else ""
+        print(f"vaedraw: training preset {cfg.preset!r} ({count_parameters(s.model):,} parameters) on "
+              f"{s.train_split.name} ({len(s.train_split):,} images), device {s.dev}{procs}, "
+              f"steps {s.start}->{cfg.train.steps}{done}", file=sys.stderr)
+        fastpath.announce(s.plan, s.dev)
+    step = _loop(s, Progress(cfg.train.steps, s.start, progress and main))
     # No barrier after this: rank 0's mixture fit can outlast a collective's timeout, and torchrun waits for
     # every process anyway.
     if main:
-        finish_run(out, model, cfg, train_split, dev)
-    return out
+        with _signals(immediate=True):
+            try:
+                finish_run(s.rundir.path, s.model, cfg, s.train_split, s.dev)
+            except _Stopped as stop:
+                raise TrainingInterrupted(
+                    f"stopped while finishing the run (training is complete and saved at step {step}); finish it "
+                    f"with: {s.resume_command()}", stop.signum) from None
 
 
+# ----------------------------------------------------------------------------- the loop
+class _Window:
+    """Sums of [loss, recon, kl] on the device since the last log point (no host sync per step)."""
+
+    def __init__(self, dev: torch.device):
+        self.sums, self.steps, self.t0 = torch.zeros(3, device=dev), 0, time.perf_counter()
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps, self.t0 = 0, time.perf_counter()
+
+
+def _loop(s: _Session, bar: Progress) -> int:
+    """Train from s.start to cfg.train.steps; -> the last step. Logs, evaluates, draws and saves as configured."""
+    t, ctx = s.cfg.train, s.ctx
+    saver = Checkpointer(s.rundir, s)
+    monitor = Monitor.for_run(s.test_split, s.model, t.seed)
+    metrics: dict = dict(s.ckpt.metrics) if s.ckpt else {}
+    window = _Window(s.dev)
+    s.model.train()
+    step = s.start
+    with _signals() as signals:
+        try:
+            while step < t.steps:
+                x, y = s.batcher.batch(step)
+                window.add(s.step_fn(x, y, learning_rate(step, s.cfg)))
+                step += 1
+                bar.update(step)
+                at_log = step % t.log_every == 0 or step == t.steps
+                if at_log:
+                    metrics["train"] = _log_train(s, step, window, saver, bar)
+                if ctx.is_main:
+                    _periodic(s, step, metrics, window, saver, monitor, bar)
+                # one process alone may have been signalled: with several, agree at log points only (a
+                # collective per step would cost a host sync per step)
+                if bool(signals) if not ctx.enabled else (at_log and dist_mod.any_flag(bool(signals), ctx, s.dev)):
+                    if ctx.is_main:
+                        saver.save(step, metrics, window.sums)
+                    signum = signals[0] if signals else signal.SIGTERM
+                    raise TrainingInterrupted(f"stopped at step {step}, checkpoint saved; continue with: "
+                                              f"{s.resume_command()}", signum)
+        finally:
+            bar.close()
+    return step
+
+
+def _log_train(s: _Session, step: int, window: _Window, saver: Checkpointer, bar: Progress) -> dict:
+    """The mean training terms since the last log point: the only regular host sync (and, with several
+    processes, the only extra collective)."""
+    t = s.cfg.train
+    loss, recon, kl = dist_mod.all_mean(window.sums / window.steps, s.ctx).tolist()
+    ips = window.steps * t.batch_size / (time.perf_counter() - window.t0)
+    if not all(math.isfinite(v) for v in (loss, recon, kl)):
+        raise saver.diverged(step, f"the training loss became {loss}")
+    row = {"step": step, "split": "train", "loss": loss, "recon": recon, "kl": kl,
+           "lr": learning_rate(step - 1, s.cfg), "images_per_s": ips}
+    if s.ctx.is_main:
+        s.rundir.log(row)
+        bar.show(loss, recon, kl, ips)
+    window.reset()
+    return row
+
+
+def _periodic(s: _Session, step: int, metrics: dict, window: _Window, saver: Checkpointer, monitor: Monitor,
+              bar: Progress) -> None:
+    """Rank 0's held-out evaluation, monitoring picture and checkpoint, each on its own schedule."""
+    t = s.cfg.train
+    last = step == t.steps
+    if step % t.eval_every == 0 or last:
+        ev = heldout_loss(s.model, s.x_test, s.y_test)
+        metrics["test"] = row = {"step": step, "split": "test", **ev}
+        s.rundir.log(row)
+        bar.write(f"step {step}: test loss {ev['loss']:.3f} (recon {ev['recon']:.3f}, kl {ev['kl']:.3f})")
+    if step % t.picture_every == 0 or last:
+        plots.save_grid(monitor.picture(s.model), s.rundir.path / "pictures" / f"step_{step:07d}.png", nrow=N_FIXED)
+    if step % t.checkpoint_every == 0 or last:
+        saver.save(step, metrics, window.sums)
+
+
+# ----------------------------------------------------------------------------- the end of a run
 def finish_run(out: Path, model, cfg: RunConfig, train_split, dev: torch.device) -> None:
     """End-of-training artifacts: curves, the progress GIF, the gmm sampler, a sample grid."""
-    from PIL import Image
-
-    plots.plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{cfg.preset} on {cfg.data.dataset}")
-    frames = [Image.open(p).convert("L") for p in sorted((out / "pictures").glob("step_*.png"))]
-    if frames:
-        plots.save_gif(frames, out / "progress.gif")
+    subset = " (the bundled subset)" if train_split.provenance.get("subset") else ""
+    plots.plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{cfg.preset} on {cfg.data.dataset}{subset}")
+    plots.save_progress_gif(sorted((out / "pictures").glob("step_*.png")), out / "progress.gif")
     model.eval()
     if cfg.sample.fit_gmm:
-        fit_gmm(model, train_split.images, train_split.labels if cfg.model.n_classes else None,
-                cfg.sample.gmm_components, cfg.train.seed, out / GMM_NAME)
-    from .run import load_run
-
+        _fit_mixture(out, model, cfg, train_split)
     run = load_run(out, device=str(dev))
-    n = 100
-    y = torch.arange(10).repeat_interleave(10) if run.conditional else None
-    plots.save_grid(run.sample(n, seed=0, y=y), out / "samples.png", nrow=10)
+    n, nrow = 100, 10
+    y = (torch.arange(nrow) % run.n_classes).repeat_interleave(n // nrow) if run.conditional else None
+    plots.save_grid(run.sample(n, seed=0, y=y), out / "samples.png", nrow=nrow)
+
+
+def _fit_mixture(out: Path, model, cfg: RunConfig, train_split) -> None:
+    k, n = cfg.sample.gmm_components, len(train_split)
+    estimate = n * (GMM_SECONDS_PER_IMAGE + GMM_SECONDS_PER_IMAGE_COMPONENT * k)
+    print(f"vaedraw: fitting the gmm sampler: encoding {n:,} training images, then a {k}-component Gaussian "
+          f"mixture to their codes (roughly {estimate:.0f} s on 2 CPU cores; Ctrl-C is safe, --resume redoes it)",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    fit_gmm(model, train_split.images, train_split.labels if model.n_classes else None, k, cfg.train.seed,
+            out / GMM_NAME)
+    print(f"vaedraw: gmm sampler fitted in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

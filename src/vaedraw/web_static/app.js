@@ -3,6 +3,7 @@
 
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const INTERP_STEPS = 10;  // points along each interpolation path
 const SLIDER_RANGE = 3;  // sliders span +-3 units: standard deviations of the prior or of a principal direction
 const $ = (id) => document.getElementById(id);
 
@@ -149,7 +150,7 @@ function drawMap() {
   ctx.clearRect(0, 0, W, H);
   ctx.globalAlpha = 0.7;
   state.map.points.forEach(([x, y], i) => {
-    ctx.fillStyle = COLORS[state.map.labels[i] % 10];
+    ctx.fillStyle = COLORS[state.map.labels[i] % COLORS.length];
     ctx.fillRect(px(x) - 1.5, py(y) - 1.5, 3, 3);
   });
   ctx.globalAlpha = 1;
@@ -167,7 +168,7 @@ function drawMap() {
 
 function buildLegend() {
   const seen = [...new Set(state.map.labels)].sort((a, b) => a - b);
-  $("legend").innerHTML = seen.map((d) => `<span><i style="background:${COLORS[d % 10]}"></i>${d}</span>`).join("");
+  $("legend").innerHTML = seen.map((d) => `<span><i style="background:${COLORS[d % COLORS.length]}"></i>${d}</span>`).join("");
   $("map-method").textContent = state.map.method === "plane" ? "(the latent plane)" : `(${state.map.method})`;
 }
 
@@ -208,8 +209,11 @@ function setupPad() {
 }
 
 async function encodeDrawing() {
-  if (!state.info || !state.padHasInk || !state.padHasInk()) return;
-  const side = 56;  // the server centres and scales the ink as MNIST digits were (latent.mnist_like)
+  if (!state.info || !state.info.drawable || !state.padHasInk || !state.padHasInk()) return;
+  // twice the model's image width, within the sizes the server takes; the server centres and scales
+  // the ink as the training digits were (latent.mnist_like)
+  const [lo, hi] = state.info.draw_size;
+  const side = Math.max(lo, Math.min(hi, 2 * state.info.image_shape[2]));
   const small = document.createElement("canvas");
   small.width = small.height = side;
   const sctx = small.getContext("2d");
@@ -231,18 +235,20 @@ async function encodeDrawing() {
 
 // ---------------------------------------------------------------- interpolation
 function setupInterpolation() {
+  const n = state.info.label_classes;  // classes in the test labels; none for unlabelled data
+  if (!n) { $("interp-card").hidden = true; return; }
   for (const id of ["interp-from", "interp-to"]) {
     const sel = $(id);
-    for (let d = 0; d < 10; d++) sel.append(new Option(String(d), String(d)));
+    for (let d = 0; d < n; d++) sel.append(new Option(String(d), String(d)));
   }
-  $("interp-from").value = "3"; $("interp-to").value = "8";
+  $("interp-from").value = String(Math.min(3, n - 1)); $("interp-to").value = String(Math.min(8, n - 1));
   $("interp-go").addEventListener("click", interpolate);
 }
 
 async function interpolate() {
   try {
     const out = await api("/api/interpolate", {
-      from_digit: parseInt($("interp-from").value, 10), to_digit: parseInt($("interp-to").value, 10), steps: 10,
+      from_digit: Number($("interp-from").value), to_digit: Number($("interp-to").value), steps: INTERP_STEPS,
     });
     for (const row of ["linear", "spherical"]) {
       $(`strip-${row}`).replaceChildren(...out[row].map((b64) => Object.assign(new Image(), { src: png(b64) })));
@@ -256,7 +262,8 @@ async function main() {
     state.info = await api("/api/info");
     const i = state.info;
     $("run-info").textContent = `${i.preset} preset, step ${i.step}, ${i.latent_dim}-d latent` +
-      (i.conditional ? ", conditional" : "");
+      (i.conditional ? ", conditional" : "") + `, ${i.image_shape.join("x")} images`;
+    $("draw").hidden = !i.drawable;  // drawing with the mouse makes grey images only
     buildSliders();
     buildDigitPicker();
     setupPad();
