@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import image_shape  # noqa: E402
 
 from vaedraw.config import build_config  # noqa: E402
 from vaedraw.models import build_model, count_parameters  # noqa: E402
@@ -27,8 +27,8 @@ from vaedraw.train import train  # noqa: E402
 
 VARIANTS: dict[str, dict[str, object]] = {
     "base": {},  # the default: channels 32, hidden 256, latent 16, lr 1e-3, batch 128
-    "small": {"model.channels": 16, "model.hidden": 128},
-    "wide": {"model.channels": 64, "model.hidden": 512},
+    "small": {"model.conv.channels": 16, "model.conv.hidden": 128},
+    "wide": {"model.conv.channels": 64, "model.conv.hidden": 512},
     "lr2e-3": {"train.lr": 2e-3},
     "batch64": {"train.batch_size": 64},
     "latent32": {"model.latent_dim": 32},
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
         test = [r for r in metrics if r["split"] == "test"][-1]
         ips = [r["images_per_s"] for r in metrics if r["split"] == "train"]
         ms = 1000 * cfg.train.batch_size / (sorted(ips)[len(ips) // 2])
-        row = {"variant": name, "overrides": VARIANTS[name], "parameters": count_parameters(build_model(cfg.model)),
-               "ms_per_step": ms, "seconds": seconds, "test_loss": test["loss"], "recon": test["recon"],
-               "kl": test["kl"]}
+        params = count_parameters(build_model(cfg.model, image_shape(cfg)))
+        row = {"variant": name, "overrides": VARIANTS[name], "parameters": params, "ms_per_step": ms,
+               "seconds": seconds, "test_loss": test["loss"], "recon": test["recon"], "kl": test["kl"]}
         rows.append(row)
         print(f"{name}: {row['parameters']:,} parameters, {ms:.1f} ms/step, test loss {test['loss']:.2f} "
               f"(recon {test['recon']:.2f}, KL {test['kl']:.2f}), {seconds:.0f} s", flush=True)

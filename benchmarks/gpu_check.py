@@ -26,16 +26,14 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import REPO, Trainer, check_loss, machine, sync  # noqa: E402
+from common import Trainer, check_loss, load_data, machine, sync, vaedraw_command  # noqa: E402
 
-from vaedraw import data as data_mod  # noqa: E402
+import torch  # noqa: E402
+
 from vaedraw import fastpath  # noqa: E402
 from vaedraw.config import preset  # noqa: E402
-from vaedraw.evaluate import eval_inputs, test_loss  # noqa: E402
-from vaedraw.train import Batcher, learning_rate  # noqa: E402
+from vaedraw.evaluate import heldout_loss  # noqa: E402
 
 # name -> (Plan fields or None for the plain eager reference, TF32, cudnn.benchmark, compile mode)
 GRAPH_VARIANTS = {
@@ -61,15 +59,6 @@ COMPILE_VARIANTS = {
 }
 
 
-class Clock:
-    def __init__(self, budget_s: float):
-        self.t0, self.budget = time.perf_counter(), budget_s
-
-    def left(self) -> float:
-        return self.budget - (time.perf_counter() - self.t0)
-
-
-
 def set_backends(tf32: bool, bench: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -93,14 +82,10 @@ def build(cfg, device, spec) -> Trainer:
     return tr
 
 
-def time_steps(tr: Trainer, batcher: Batcher, steps: int, device) -> tuple[float, float]:
-    """-> (warm-up seconds incl. compile/capture, steady-state ms/step). Fresh batches every step."""
-    t0 = time.perf_counter()
+def time_steps(tr: Trainer, batcher, steps: int, device) -> float:
+    """Steady-state ms/step after 5 warm-up steps (compile, capture). Fresh batches every step."""
     for s in range(5):
-        x, y = batcher.batch(s)
-        tr.step(x, y, tr.cfg.train.lr)
-    sync(device)
-    warm = time.perf_counter() - t0
+        tr.step(*batcher.batch(s), tr.cfg.train.lr)
     xs = [batcher.batch(5 + s) for s in range(steps)]  # drawn beforehand: time the step alone
     sync(device)
     t0 = time.perf_counter()
@@ -108,7 +93,7 @@ def time_steps(tr: Trainer, batcher: Batcher, steps: int, device) -> tuple[float
         out = tr.step(x, y, tr.cfg.train.lr)
     sync(device)
     assert torch.isfinite(out).all(), "non-finite training loss"
-    return warm, (time.perf_counter() - t0) / steps * 1000
+    return (time.perf_counter() - t0) / steps * 1000
 
 
 def rng_in_graph_check(device) -> str:
@@ -139,23 +124,20 @@ def rng_in_graph_check(device) -> str:
     return f"{'ok' if ok else 'FAILED'}: replays differ {differ}, dropout masks differ {mask_differ}, mean {mean:.3f}"
 
 
-def full_run(name: str, spec, device, batcher, x_test, y_test, steps: int, log) -> dict:
+def full_run(name: str, spec, device, data, steps: int, log) -> dict:
     cfg = preset("seed")
     tr = build(cfg, device, spec)
     torch.manual_seed(cfg.train.seed)
     sync(device)
     t0 = time.perf_counter()
-    window = torch.zeros(3, device=device)
-    for s in range(steps):
-        x, y = batcher.batch(s)
-        window += tr.step(x, y, learning_rate(s, cfg))
+    total = tr.train(data.batcher, 0, steps)
     sync(device)
     seconds = time.perf_counter() - t0
-    ev = test_loss(tr.model, x_test, y_test, cfg.model.likelihood)
+    loss = heldout_loss(tr.model, data.x_test, data.y_test)["loss"]
     row = {"variant": name, "steps": steps, "seconds": seconds, "ms_per_step": seconds / steps * 1000,
-           "test_loss": ev["loss"], "mean_train_loss": (window / steps)[0].item()}
+           "test_loss": loss, "mean_train_loss": (total / steps)[0].item()}
     log(f"full run: {name}: {steps} steps in {seconds:.1f}s ({row['ms_per_step']:.3f} ms/step), "
-        f"test loss {ev['loss']:.3f}")
+        f"test loss {loss:.3f}")
     return row
 
 
@@ -176,6 +158,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         args.steps, args.check_steps, args.full_steps = 2, 3, 20
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
     logf = open(out_dir / "gpu_check.log", "a") if out_dir else None
 
     def log(msg: str) -> None:
@@ -185,9 +169,12 @@ def main(argv=None) -> int:
             logf.flush()
 
     device = torch.device(args.device)
-    clock = Clock(args.budget_s)
-    report: dict = {"machine": machine(device) if device.type == "cpu" else f"{torch.cuda.get_device_name()}, "
-                    f"torch {torch.__version__}, CUDA {torch.version.cuda}", "rows": [], "full": []}
+    t_start = time.perf_counter()
+
+    def left() -> float:  # seconds of the budget left
+        return args.budget_s - (time.perf_counter() - t_start)
+
+    report: dict = {"machine": machine(device), "rows": [], "full": []}
     log(f"gpu_check on {report['machine']}")
     try:
         report["rng_in_graph"] = rng_in_graph_check(device)
@@ -199,22 +186,16 @@ def main(argv=None) -> int:
         if out_dir:
             (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
-    data: dict = {}
-    for name in [s.strip() for s in args.presets.split(",") if s.strip()]:
-        cfg = preset(name)
-        tr_split, te_split = data_mod.load_dataset(cfg.data.dataset, args.data_dir, progress=False)
-        images, labels = tr_split.images.to(device), tr_split.labels.to(device)
-        batcher = Batcher(images, labels, cfg.train.batch_size, cfg.train.seed)
-        x_test = eval_inputs(te_split.images, cfg.model.likelihood == "bernoulli").to(device)
-        data[name] = (batcher, x_test, te_split.labels.to(device))
+    data = {name: load_data(preset(name), device, args.data_dir)
+            for name in [s.strip() for s in args.presets.split(",") if s.strip()]}
 
     def run_variants(variants: dict) -> None:
-        for name, (batcher, x_test, y_test) in data.items():
+        for name, d in data.items():
             # the reference row, if it ran: a failed reference leaves the others without a ratio, not a wrong one
             ref = next((r for r in report["rows"] if r["preset"] == name and "reference" in r["variant"]
                         and "ms_per_step" in r), None)
             for vname, spec in variants.items():
-                if clock.left() < 20:
+                if left() < 20:
                     log(f"{name} {vname}: skipped (time budget)")
                     continue
                 row = {"preset": name, "variant": vname}
@@ -225,9 +206,9 @@ def main(argv=None) -> int:
                     # weights, then the timing, which continues the same training
                     tr = build(cfg, device, spec)
                     t0 = time.perf_counter()
-                    loss, finite = check_loss(tr, batcher, x_test, y_test, args.check_steps)
+                    loss, finite = check_loss(tr, d, args.check_steps)
                     row["warmup_s"] = time.perf_counter() - t0  # includes compile or capture
-                    row["ms_per_step"] = time_steps(tr, batcher, args.steps, device)[1]
+                    row["ms_per_step"] = time_steps(tr, d.batcher, args.steps, device)
                     del tr
                     row.update(test_loss=loss, finite=finite)
                     if ref is None and "reference" in vname:
@@ -257,28 +238,27 @@ def main(argv=None) -> int:
     if args.full_steps and seed_rows and "seed" in data:
         best = min(seed_rows, key=lambda r: r["ms_per_step"])
         need = args.full_steps * best["ms_per_step"] / 1000 * 1.3 + 10
-        if clock.left() > need:
+        if left() > need:
             spec = {**GRAPH_VARIANTS, **COMPILE_VARIANTS}[best["variant"]]
             try:
-                report["full"].append(full_run(best["variant"], spec, device, *data["seed"], args.full_steps, log))
+                report["full"].append(full_run(best["variant"], spec, device, data["seed"], args.full_steps, log))
             except Exception as e:
                 log(f"full run FAILED {type(e).__name__}: {e}")
         else:
-            log(f"full run skipped: needs ~{need:.0f}s, {clock.left():.0f}s left")
+            log(f"full run skipped: needs ~{need:.0f}s, {left():.0f}s left")
     save()
 
     if not args.no_compile:
         run_variants(COMPILE_VARIANTS)
 
     # the real command, end to end (evaluation every 2,000 steps, pictures every 200, checkpoints)
-    if not args.no_cli_run and args.full_steps and "seed" in data and clock.left() > 60:
+    if not args.no_cli_run and args.full_steps and "seed" in data and left() > 60:
         run_dir = (out_dir or Path("/tmp")) / "gpu_check_seed_run"
-        cmd = [sys.executable, "-m", "vaedraw", "train", "--preset", "seed", "--device", args.device,
-               "--data-dir", args.data_dir, "--out", str(run_dir), "--no-progress", "--steps", str(args.full_steps)]
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        cmd, env = vaedraw_command("train", "--preset", "seed", "--device", args.device, "--data-dir", args.data_dir,
+                                   "--out", str(run_dir), "--no-progress", "--steps", str(args.full_steps))
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(30, clock.left()))
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(30, left()))
             secs = time.perf_counter() - t0
             tail = proc.stderr.strip().splitlines()[-4:]
             report["cli_run"] = {"rc": proc.returncode, "seconds": secs, "tail": tail}
@@ -304,7 +284,7 @@ def main(argv=None) -> int:
         ratio = f", {ref['ms_per_step'] / f['ms_per_step']:.1f}x eager" if ref and "ms_per_step" in ref else ""
         log(f"seed full schedule ({f['steps']} steps) with {f['variant']}: {f['seconds']:.1f}s "
             f"({f['ms_per_step']:.3f} ms/step{ratio}), test loss {f['test_loss']:.3f}")
-    log(f"rng inside CUDA graphs: {report['rng_in_graph']}; total {time.perf_counter() - clock.t0:.0f}s")
+    log(f"rng inside CUDA graphs: {report['rng_in_graph']}; total {time.perf_counter() - t_start:.0f}s")
     return 0
 
 

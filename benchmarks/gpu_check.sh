@@ -5,11 +5,9 @@
 #   OUT=/some/folder benchmarks/gpu_check.sh --data-dir data/mnist      # on the GPU machine
 #   benchmarks/gpu_check.sh --data-dir /work/shared/data/mnist --device cpu --dry-run   # logic check
 #
-# No virtual environment is needed: it runs `python3` (or $PYTHON) with src/ on PYTHONPATH. With OUT set,
-# gpu_check.log, gpu_check.json and the end-to-end run directory are written there.
+# No virtual environment is needed: it runs `python3` (or $PYTHON); the script finds src/ itself. With OUT
+# set, gpu_check.log, gpu_check.json and the end-to-end run directory are written there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-[ -n "${OUT:-}" ] && mkdir -p "$OUT"
 "${PYTHON:-python3}" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

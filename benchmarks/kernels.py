@@ -17,15 +17,16 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Trainer, sync  # noqa: E402
 
-from speed import sync  # benchmarks/ is on sys.path when this script runs
-from vaedraw.config import preset
-from vaedraw.models import build_model
-from vaedraw.run import resolve_device
-from vaedraw.train import make_optimizer, train_step
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from vaedraw.config import preset  # noqa: E402
+from vaedraw.run import resolve_device  # noqa: E402
 
 LAYOUTS = {"": torch.contiguous_format, " channels-last": torch.channels_last}  # dense layers: the first only
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -45,7 +46,8 @@ def layers_of(model: nn.Module, batch: int, device: torch.device) -> list[Layer]
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: found.append(Layer(n, m, tuple(i[0].shape), not found)))
              for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     with torch.no_grad():
-        model.eval()(torch.rand(batch, 1, 28, 28, device=device))
+        model.eval()(torch.rand(batch, *model.image_shape, device=device))
+    model.train()
     for h in hooks:
         h.remove()
     return found
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = preset(args.preset)
     dev = resolve_device(args.device)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(dev)
+    eager = Trainer(cfg, dev, None)  # the plain eager step, and its model's layers
+    model = eager.model
     b = cfg.train.batch_size
     layers = layers_of(model, b, dev)
 
@@ -129,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         best_total += sum(min(t[k] for t in per_variant.values()) for k in kinds)
         fp32_total += sum(per_variant["fp32"].values())
 
-    opt = make_optimizer(model, cfg, dev)
-    model.train()
-    x = torch.rand(b, 1, 28, 28, device=dev)
-    step = timed(lambda: train_step(model, opt, x, None, cfg).sum().item(), dev, max(5, args.reps // 3))
+    x = torch.rand(b, *model.image_shape, device=dev)
+    y = torch.zeros(b, dtype=torch.long, device=dev)
+    step = timed(lambda: eager.step(x, y, cfg.train.lr).sum().item(), dev, max(5, args.reps // 3))
     print(f"\nconv and dense kernels, float32 NCHW: {fp32_total:.1f} ms per step")
     print(f"conv and dense kernels, the fastest variant of each: {best_total:.1f} ms per step")
     print(f"the plain eager step of the whole model (elementwise ops, loss and Adam included): {step:.1f} ms")

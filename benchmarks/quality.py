@@ -19,35 +19,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, device_name, write_block  # noqa: E402
 
-from vaedraw import build_config
-from vaedraw.config import parse_set
-from vaedraw.checkpoint import CHECKPOINT_NAME
-from vaedraw.evaluate import evaluate_run, quality_figures
-from vaedraw.run import load_run, resolve_device
-from vaedraw.sample import GaussianMixture, fit_gmm
+import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "RESULTS.md"
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+from vaedraw import build_config  # noqa: E402
+from vaedraw import data as data_mod  # noqa: E402
+from vaedraw.checkpoint import CHECKPOINT_NAME  # noqa: E402
+from vaedraw.config import parse_set  # noqa: E402
+from vaedraw.evaluate import evaluate_run, quality_figures  # noqa: E402
+from vaedraw.run import load_run, resolve_device  # noqa: E402
+from vaedraw.sample import GaussianMixture, fit_gmm  # noqa: E402
+from vaedraw.train import train  # noqa: E402
+
+RESULTS = REPO / "docs" / "RESULTS.md"
 LONG_STEPS = 30_000
 ROWS = {  # name -> (preset, overrides, samplers)
     "seed": ("seed", {}, ("prior", "gmm")),
     "default": ("default", {}, ("prior", "gmm")),
     "default-long": ("default", {"train.steps": LONG_STEPS}, ("gmm",)),
 }
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
 def ensure_run(name: str, run_dir: Path, device: str, data_dir: str | None, extra: dict) -> float | None:
@@ -59,11 +55,10 @@ def ensure_run(name: str, run_dir: Path, device: str, data_dir: str | None, extr
     cfg = build_config(preset, overrides={**overrides, **extra})
     if (run_dir / CHECKPOINT_NAME).exists() and (run_dir / "samples.png").exists():
         return None
-    from vaedraw.train import train
-
     t0 = time.perf_counter()
-    train(cfg, run_dir, device=device, data_dir=data_dir, progress=False,
-          argv=["benchmarks/quality.py", name], resume=(run_dir / CHECKPOINT_NAME).exists(), overrides_given=False)
+    resume = (run_dir / CHECKPOINT_NAME).exists()  # an interrupted row continues as it was stored
+    train(None if resume else cfg, run_dir, device=device, data_dir=data_dir, progress=False,
+          argv=["benchmarks/quality.py", name], resume=resume)
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -86,10 +81,9 @@ def training_seconds(run_dir: Path) -> float | None:
 
 def gmm_sweep(run_dir: Path, ks: list[int], device: str, data_dir: str | None, n_samples: int) -> list[dict]:
     """Refit the mixture with each size K and measure its samples. Returns [{k, fd, recognizable, ...}]."""
-    from vaedraw import data as data_mod
-
     run = load_run(run_dir, device)
-    train, _ = data_mod.load_dataset(run.config.data.dataset, data_dir, progress=False)
+    train = (data_mod.load_recorded(run.data_source["train"], "train", data_dir, progress=False) if run.data_source
+             else data_mod.load_dataset(run.config.data.dataset, data_dir, progress=False)[0])  # the run's own images
     out = []
     scratch = run_dir / "gmm-sweep.safetensors"
     for k in ks:
@@ -139,17 +133,6 @@ def table(rows: list[dict], sweep: list[dict], command: str) -> str:
         lines += [f"| {s['k']} | {s['fd']:.2f} | {s['recognizable']:.3f} | {s['coverage_bits']:.3f} "
                   f"| {s['fit_seconds']:.0f} s |" for s in sweep]
     return "\n".join(lines)
-
-
-def write_results(text: str, path: Path = RESULTS) -> None:
-    """Replace what lies between the quality markers (creating the file or the markers if absent)."""
-    old = path.read_text() if path.exists() else "# Results\n"
-    if START in old and END in old:
-        new = old[:old.index(START) + len(START)] + "\n" + text + "\n" + old[old.index(END):]
-    else:
-        new = old.rstrip("\n") + f"\n\n## Quality\n\n{START}\n{text}\n{END}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, sweep, command.strip())
     print(text)
-    write_results(text, Path(args.results))
+    write_block(args.results, "quality", text, heading="## Quality")
     return 0
 
 

@@ -2,8 +2,8 @@
 
     python benchmarks/speed.py [--device cpu|cuda] [--presets seed,default] [--steps N] [--check-steps N]
 
-For each preset: the plain eager reference (train.train_step: model(x), loss, backward, foreach Adam, one
-batch at a time) and the fast path (fastpath.FastStep with the plan `auto` picks on this device, or the
+For each preset: the plain eager reference (common.plain_step: the model's ELBO terms, backward, foreach
+Adam, one batch at a time) and the fast path (fastpath.FastStep with the plan `auto` picks on this device, or the
 plans given by --variants) are built from the same initial weights in this process and timed in
 alternating rounds, so a busy machine slows both alike. Reported: steady-state ms/step (median of the
 rounds), images/s, process CPU ms/step (less sensitive to other load than wall time), compile time,
@@ -16,30 +16,30 @@ both, to measure what the allocator setting itself gives (one invocation with an
 
 The table is printed and written into docs/SPEED.md between `<!-- speed:DEVICE:start/end -->` markers
 (--no-write to skip). The default run takes a few minutes on 2 CPU cores.
+
+--check-only runs the correctness check alone for the listed variants and prints how far apart their test
+losses are; whether bf16 changes what the seed model learns, on a CPU:
+
+    python benchmarks/speed.py --presets seed --variants fp32+cl+conv,bf16+cl+conv --check-steps 2000 --check-only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, Trainer, check_loss, load_data, machine, sync, write_block  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
+import torch  # noqa: E402
 
-from vaedraw import data as data_mod  # noqa: E402
 from vaedraw import fastpath  # noqa: E402
 from vaedraw.config import preset  # noqa: E402
-from vaedraw.evaluate import eval_inputs, test_loss  # noqa: E402
-from vaedraw.models import build_model  # noqa: E402
-from vaedraw.train import Batcher, learning_rate, make_optimizer, train_step  # noqa: E402
 
 VARIANTS = {  # name -> Plan fields over a float32 eager plan (the `auto` row is fastpath.AUTO's)
     "fp32": {},
@@ -66,35 +66,6 @@ def plan_for(name: str, cfg, device: torch.device, default_malloc: bool = False)
                    keep_memory=device.type == "cpu" and not default_malloc)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Trainer:
-    """A model, its optimizer and a step function, from the preset's initial weights (seed 0)."""
-
-    def __init__(self, cfg, device: torch.device, plan: fastpath.Plan | None):
-        torch.manual_seed(cfg.train.seed)
-        self.cfg, self.device, self.plan = cfg, device, plan
-        model = build_model(cfg.model).to(device)
-        if plan is None:  # the plain eager reference
-            self.model, self.opt = model, make_optimizer(model, cfg, device)
-            self.fast = None
-        else:
-            self.model = fastpath.prepare_model(model, plan, fastpath.Noise())
-            self.opt = fastpath.make_optimizer(self.model, cfg, device, plan)
-            self.fast = fastpath.FastStep(self.model, self.opt, cfg, plan)
-        self.model.train()
-
-    def step(self, x, y, lr: float) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast(x, y, lr)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        return train_step(self.model, self.opt, x, y, self.cfg)
-
-
 def time_rounds(trainers: dict[str, Trainer], x, y, steps: int, rounds: int) -> dict[str, dict]:
     """Alternate `rounds` rounds of `steps` steps over the trainers; per trainer the median ms/step."""
     device = x.device
@@ -114,28 +85,12 @@ def time_rounds(trainers: dict[str, Trainer], x, y, steps: int, rounds: int) -> 
             for k in trainers}
 
 
-def check_loss(tr: Trainer, batcher: Batcher, x_test, y_test, steps: int) -> tuple[float, bool]:
-    """Train `steps` steps of the preset's schedule; -> (test loss, all train losses finite)."""
-    torch.manual_seed(tr.cfg.train.seed + 7)  # the same noise stream for every variant's schedule
-    finite = torch.ones((), dtype=torch.bool, device=x_test.device)
-    for s in range(steps):
-        x, y = batcher.batch(s)
-        out = tr.step(x, y, learning_rate(s, tr.cfg))
-        finite &= torch.isfinite(out).all()
-    ev = test_loss(tr.model, x_test, y_test, tr.cfg.model.likelihood)
-    return ev["loss"], bool(finite)
-
-
 def bench_preset(name: str, device: torch.device, variants: list[str], steps: int, rounds: int,
                  check_steps: int, data_dir, log=print, default_malloc: bool = False) -> list[dict]:
     cfg = preset(name)
     cfg.train.steps = max(cfg.train.steps, check_steps)
-    train_split, test_split = data_mod.load_dataset(cfg.data.dataset, data_dir, progress=False)
-    images, labels = train_split.images.to(device), train_split.labels.to(device)
-    batcher = Batcher(images, labels, cfg.train.batch_size, cfg.train.seed)
-    x, y = batcher.batch(0)
-    x_test = eval_inputs(test_split.images, cfg.model.likelihood == "bernoulli").to(device)
-    y_test = test_split.labels.to(device)
+    data = load_data(cfg, device, data_dir)
+    x, y = data.batcher.batch(0)
 
     trainers: dict[str, Trainer] = {"eager": Trainer(cfg, device, None)}
     errors: dict[str, str] = {}
@@ -161,7 +116,7 @@ def bench_preset(name: str, device: torch.device, variants: list[str], steps: in
     for v, tr in trainers.items():
         if check_steps:
             fresh = Trainer(cfg, device, tr.plan)
-            loss, finite = check_loss(fresh, batcher, x_test, y_test, check_steps)
+            loss, finite = check_loss(fresh, data, check_steps)
         else:
             loss, finite = float("nan"), True
         if v == "eager":
@@ -177,6 +132,24 @@ def bench_preset(name: str, device: torch.device, variants: list[str], steps: in
         log(f"  {name} {v}: {t['ms']:.1f} ms/step, test loss after {check_steps} steps {loss:.3f}")
     rows += [{"preset": name, "variant": v, "error": e} for v, e in errors.items()]
     return rows
+
+
+def check_only(name: str, device: torch.device, variants: list[str], steps: int, data_dir,
+               default_malloc: bool = False) -> None:
+    """Only the correctness check, for the fast-path variants alone (e.g. float32 against bf16, which differ
+    in precision only: the same weights, batches and fast-path noise), and how far apart their losses are."""
+    cfg = preset(name)
+    cfg.train.steps = max(cfg.train.steps, steps)
+    data = load_data(cfg, device, data_dir)
+    loss = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        loss[v], finite = check_loss(Trainer(cfg, device, plan_for(v, cfg, device, default_malloc)), data, steps)
+        print(f"{v}: test loss {loss[v]:.4f} after {steps} steps (finite: {finite}), "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    a = loss[variants[0]]
+    for v in variants[1:]:
+        print(f"{v} vs {variants[0]}: {100 * abs(loss[v] - a) / abs(a):.2f}% apart")
 
 
 def table(rows: list[dict]) -> str:
@@ -196,25 +169,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_markers(path: Path, device: str, text: str) -> None:
-    start, end = f"<!-- speed:{device}:start -->", f"<!-- speed:{device}:end -->"
-    doc = path.read_text() if path.exists() else ""
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + ("\n\n" if doc else "") + block + "\n"
-    path.write_text(doc)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cores = torch.get_num_threads()
-    bf16 = "AVX512-BF16" if fastpath.cpu_has_bf16() else "no native bf16"
-    return f"{platform.processor() or platform.machine()} CPU, {cores} threads, {bf16}, torch {torch.__version__}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -230,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's allocator as it is (the fast path's keep_memory is otherwise in effect for "
                         "the whole process, the eager reference included)")
+    p.add_argument("--check-only", action="store_true",
+                   help="no timing and no eager reference: train each variant --check-steps steps and compare "
+                        "their test losses with the first's (e.g. --variants fp32+cl+conv,bf16+cl+conv)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -237,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
+    if args.check_only:
+        for name in presets:
+            check_only(name, device, variants, args.check_steps, args.data_dir, args.default_malloc)
+        return 0
     print(f"benchmarking on {machine(device)}", file=sys.stderr)
     rows: list[dict] = []
-    for name in [s.strip() for s in args.presets.split(",") if s.strip()]:
+    for name in presets:
         rows += bench_preset(name, device, variants, args.steps, args.rounds, args.check_steps, args.data_dir,
                              log=lambda m: print(m, file=sys.stderr), default_malloc=args.default_malloc)
     malloc = " --default-malloc" if args.default_malloc else ""
@@ -250,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if not args.no_write:
-        write_markers(Path(args.doc), args.device, text)
+        write_block(args.doc, f"speed:{args.device}", text)
     return 0
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,25 +21,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, free_port, machine, vaedraw_command, write_block  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "WEB.md"
-BEGIN, END = "<!-- web_load:begin -->", "<!-- web_load:end -->"
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DOC = REPO / "docs" / "WEB.md"
 
 
 def start_server(run_dir: str, port: int, data_dir: str | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vaedraw", "serve", run_dir, "--port", str(port), "--device", "cpu"]
-    if data_dir:
-        cmd += ["--data-dir", data_dir]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd, env = vaedraw_command("serve", run_dir, "--port", str(port), "--device", "cpu",
+                               *(["--data-dir", data_dir] if data_dir else []))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -60,7 +53,7 @@ def run_load(base: str, info: dict, n_requests: int, n_clients: int, seed: int =
     rng = np.random.default_rng(seed)
     d = info["latent_dim"]
     bodies = [{"z": rng.standard_normal(d).round(4).tolist(),
-               "digit": int(rng.integers(10)) if info["conditional"] else None} for _ in range(n_requests)]
+               "digit": int(rng.integers(info["n_classes"])) if info["conditional"] else None} for _ in range(n_requests)]
     local = threading.local()
     latencies = [0.0] * n_requests
 
@@ -105,26 +98,21 @@ def main() -> int:
         proc.wait(timeout=20)
     ms = np.array(lat) * 1000
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} " \
-              f"{platform.python_version()}"
     lines = [
         f"- {args.requests} POST /api/decode requests, {args.clients} concurrent clients, run "
         f"`{info['preset']}` ({info['latent_dim']}-d latent, step {info['step']}), CPU decoding",
         f"- median **{p50:.1f} ms**, 99th percentile **{p99:.1f} ms**, mean {statistics.fmean(ms):.1f} ms, "
         f"max {ms.max():.1f} ms; {args.requests / wall:.0f} requests/s",
-        f"- machine: {machine}; 1-minute load average {load_before:.1f} before, {load_after:.1f} after"
+        f"- machine: {machine(torch.device('cpu'))}, {os.cpu_count()} cores, {platform.python_implementation()} "
+        f"{platform.python_version()}; 1-minute load average {load_before:.1f} before, {load_after:.1f} after"
         + (f"; {args.note}" if args.note else ""),
         f"- command: `python benchmarks/web_load.py {args.run_dir} --requests {args.requests} "
         f"--clients {args.clients}`",
     ]
     print("\n".join(lines))
     if not args.no_write and DOC.exists():
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), BEGIN + "\n" + "\n".join(lines) + "\n" + END,
-                         text, flags=re.S)
-            DOC.write_text(new)
-            print(f"written into {DOC}")
+        write_block(DOC, "web_load", "\n".join(lines), begin="begin")
+        print(f"written into {DOC}")
     return 0
 
 

@@ -280,7 +280,7 @@ def test_progress_off_a_terminal_prints_a_line_about_every_tenth():
     import io
 
     out = io.StringIO()
-    bar = evaluate.Progress(250, "IWAE bound, k=10", "images", file=out)
+    bar = evaluate.Progress(250, "IWAE bound, k=10", "images", label="vaedraw eval", file=out)
     for _ in range(50):
         bar.update(5)
     bar.close()

@@ -306,20 +306,21 @@ def test_progress_in_a_log_file_is_a_plain_line_every_tenth_of_the_run():
     import io
 
     log = io.StringIO()
-    bar = train_mod.Progress(total=200, start=0, enabled=True, file=log)
+    bar = train_mod.Progress(200, "training", "steps", enabled=True, file=log)
     for step in range(1, 201):
         if step % 20 == 0:
-            bar.show(100.0 - step / 10, 90.0, 10.0 - step / 100, 5000.0)
-        bar.update(step)
+            bar.set_stats(f", loss {100.0 - step / 10:.2f}")
+        bar.update(1)
     bar.close()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 10
-    assert lines[0].startswith("vaedraw: step 20/200 (10%)") and lines[-1].startswith("vaedraw: step 200/200 (100%)")
+    assert lines[0].startswith("vaedraw: training: 20/200 steps (10%)")
+    assert lines[-1].startswith("vaedraw: training: 200/200 steps (100%)")
     assert "loss 80.00" in lines[-1] and "steps/s" in lines[-1]  # the stats as of the end, once
     quiet = io.StringIO()
-    bar = train_mod.Progress(total=10, start=0, enabled=False, file=quiet)
+    bar = train_mod.Progress(10, "training", "steps", enabled=False, file=quiet)
     for step in range(1, 11):
-        bar.update(step)
+        bar.update(1)
     assert quiet.getvalue() == ""
 
 
@@ -348,3 +349,14 @@ def test_a_signal_during_the_mixture_fit_stops_and_resume_finishes_the_run(tmp_p
     train(None, out, device="cpu", data_dir=mnist_dir, resume=True, progress=False)
     assert (out / "gmm.safetensors").exists() and (out / "samples.png").exists()
     assert ckpt_io.load(out / ckpt_io.CHECKPOINT_NAME).step == 3 and read_metrics(out / "metrics.jsonl") == rows
+
+
+def test_progress_of_a_resumed_run_counts_tenths_of_what_is_left():
+    import io
+
+    log = io.StringIO()
+    bar = train_mod.Progress(1000, "training", "steps", initial=900, enabled=True, file=log)
+    for _ in range(100):
+        bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("vaedraw: training: 910/1,000 steps (91%)")

@@ -23,11 +23,11 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 from . import data as data_mod
 from .errors import VaedrawError
 from .objectives import iwae_bound
+from .progress import Progress
 from .sample import check_sampler
 
 EVAL_SEED = 12345  # the fixed seed of the test binarization and of evaluation noise
@@ -57,41 +57,6 @@ def check_eval_sizes(iwae_k: int, n_samples: int) -> None:
         raise VaedrawError(f"--iwae-k must be between 1 and {MAX_IWAE_K:,}, got {iwae_k:,}")
     if not 1 <= n_samples <= MAX_SAMPLES:
         raise VaedrawError(f"--n-samples must be between 1 and {MAX_SAMPLES:,}, got {n_samples:,}")
-
-
-class Progress:
-    """What a long evaluation phase is doing, on stderr: a tqdm bar on a terminal; elsewhere (a log file,
-    CI) a plain line about every 10% with an estimate of the time left, and one when it ends."""
-
-    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, file=None):
-        self.file = file or sys.stderr
-        self.total, self.desc, self.unit, self.enabled = max(1, total), desc, unit, enabled
-        self.done, self.t0, self.next_pct = 0, time.perf_counter(), 10
-        tty = enabled and getattr(self.file, "isatty", lambda: False)()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, dynamic_ncols=True) if tty else None
-
-    def update(self, n: int = 1, desc: str | None = None) -> None:
-        self.done += n
-        if desc is not None:
-            self.desc = desc
-        if self.bar is not None:
-            if desc is not None:
-                self.bar.set_description(desc, refresh=False)
-            self.bar.update(n)
-            return
-        pct = 100 * self.done / self.total
-        if not self.enabled or (pct < self.next_pct and self.done < self.total):
-            return
-        elapsed = time.perf_counter() - self.t0
-        left = elapsed * (self.total - self.done) / max(1, self.done)
-        print(f"vaedraw eval: {self.desc}: {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
-              f"{elapsed:.0f} s" + (f", about {left:.0f} s left" if self.done < self.total else ""),
-              file=self.file, flush=True)
-        self.next_pct = (int(pct) // 10 + 1) * 10
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _eval_noise(generator: torch.Generator):
@@ -218,8 +183,7 @@ def _fixed_choice(n_total: int, n: int, seed: int = EVAL_SEED) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the whole report
 def _comparability(run, split: str, part, likelihood: str) -> tuple[bool, str | None]:
     """(comparable, reason when not): whether elbo/iwae are held-out Bernoulli figures on binarized images."""
-    source = getattr(run, "data_source", None)
-    provenance = getattr(part, "provenance", None)
+    source, provenance = run.data_source, part.provenance
     if split == "train":
         return False, "evaluated on the run's own training split"
     if source is not None and provenance is not None:
@@ -229,6 +193,9 @@ def _comparability(run, split: str, part, likelihood: str) -> tuple[bool, str | 
     elif source is None and provenance is not None and provenance.get("subset"):
         return False, ("this run recorded no training data and the bundled subset's test images are official "
                        "training images: they may include images it was trained on")
+    if provenance is not None and provenance.get("subset"):
+        return False, (f"the bundled subset's test part ({len(part):,} official training images) is not the "
+                       "official test set: figures on it are not comparable with published ones")
     if likelihood != "bernoulli":
         return False, ("Gaussian log-density of grayscale pixels (sigma^2 = 1/2): not comparable with Bernoulli "
                        "figures on binarized images")
@@ -265,7 +232,7 @@ def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int
         raise VaedrawError(f"unknown split {split!r}; choose one of: {', '.join(data_mod.SPLITS)}")
     check_eval_sizes(iwae_k, n_samples)
     check_sampler(sampler or run.default_sampler, run.gmm)  # before the slow likelihood work
-    cfg, model, dev = run.config, run.model, run.device
+    cfg, dev = run.config, run.device
     dataset, lik = cfg.data.dataset, cfg.model.likelihood
     part = run.load_split(split, data_dir, progress=False)  # the data the run recorded
     n = len(part) if n_images is None else min(n_images, len(part))
@@ -275,44 +242,51 @@ def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int
                 + (f"binarized once x ~ Bernoulli(pixel) with fixed seed {EVAL_SEED}" if binarized
                    else "grayscale pixels in [0, 1]"))
     comparable, reason = _comparability(run, split, part, lik)
-    source = getattr(run, "data_source", None)
-    train_source = None if source is None else source.get("train")
+    train_source = None if run.data_source is None else run.data_source.get("train")
     res: dict = {"run_dir": str(run.run_dir), "preset": cfg.preset, "dataset": dataset, "step": run.step,
                  "device": str(dev), "split": split, "n_images": n, "likelihood": lik, "protocol": protocol,
                  "comparable": comparable, "comparable_reason": reason,
                  "trained_on_subset": None if train_source is None else bool(train_source.get("subset")),
-                 "data": {"train": train_source, "eval": getattr(part, "provenance", None)}, "seconds": {}}
+                 "data": {"train": train_source, "eval": part.provenance}, "seconds": {}}
     if reason is not None and binarized:
         print(f"vaedraw eval: warning: these figures are not comparable: {reason}", file=sys.stderr)
 
-    x = eval_inputs(images, binarized).to(dev)
+    res.update(_likelihoods(run, images, labels, iwae_k, seed, progress, res["seconds"]))
+
+    q = quality_figures(run, n_samples=n_samples, sampler=sampler, data_dir=data_dir, seed=seed,
+                        images=images, labels=labels, progress=progress)
+    res["seconds"].update(q.pop("seconds", {}))
+    res.update(q)
+    return res
+
+
+def _likelihoods(run, images: torch.Tensor, labels: torch.Tensor, iwae_k: int, seed: int, progress: bool,
+                 seconds: dict) -> dict:
+    """ELBO terms and the IWAE bound of `images` (uint8) under the run's model, in nats per image; the
+    time each took goes into `seconds`."""
+    model, dev, lik = run.model, run.device, run.config.model.likelihood
+    x = eval_inputs(images, lik == "bernoulli").to(dev)
     y = labels.to(dev) if run.conditional else None
     t0 = time.perf_counter()
     ev = heldout_loss(model, x, y, seed=EVAL_SEED + seed)
-    res["seconds"]["elbo"] = time.perf_counter() - t0
+    seconds["elbo"] = time.perf_counter() - t0
     if lik == "gaussian":
         # log_px includes the Gaussian's normalizer; the article's loss is its squared error alone.
         const = 0.5 * math.log(math.pi) * x[0].numel()
-        res.update(objective=ev["loss"], elbo=-(ev["loss"] + const), recon=ev["recon"] + const, kl=ev["kl"])
+        res = dict(objective=ev["loss"], elbo=-(ev["loss"] + const), recon=ev["recon"] + const, kl=ev["kl"])
     else:
-        res.update(elbo=-ev["loss"], recon=ev["recon"], kl=ev["kl"], objective=None)
+        res = dict(elbo=-ev["loss"], recon=ev["recon"], kl=ev["kl"], objective=None)
     t0 = time.perf_counter()
     # A GPU holds far more decodes per call than the CPU's caches like.
     max_decodes = MAX_DECODES * (4 if dev.type == "cuda" else 1)
-    bar = Progress(n, f"IWAE bound, k={iwae_k:,}", "images", enabled=progress)
+    bar = Progress(len(x), f"IWAE bound, k={iwae_k:,}", "images", enabled=progress, label="vaedraw eval")
     try:
         res["iwae"] = iwae(model, x, y, iwae_k, seed=EVAL_SEED + seed, max_decodes=max_decodes,
                            progress=bar).mean().item()
     finally:
         bar.close()
     res["iwae_k"] = iwae_k
-    res["seconds"]["iwae"] = time.perf_counter() - t0
-    del x
-
-    q = quality_figures(run, n_samples=n_samples, sampler=sampler, data_dir=data_dir, seed=seed,
-                        images=images, labels=labels, progress=progress)
-    res["seconds"].update(q.pop("seconds", {}))
-    res.update(q)
+    seconds["iwae"] = time.perf_counter() - t0
     return res
 
 
@@ -338,7 +312,7 @@ def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, 
     except VaedrawError as e:
         return {"quality_available": False, "evaluator_accuracy": None, "fd_floor": None, "samples": None,
                 "reconstructions": None, "quality_note": f"sample-quality figures unavailable: {e}"}
-    bar = Progress(4, "sample quality: reference features", "stages", enabled=progress)
+    bar = Progress(4, "sample quality: reference features", "stages", enabled=progress, label="vaedraw eval")
     try:
         train = run.load_split("train", data_dir, progress=False)  # the data the run recorded
         test = run.load_split("test", data_dir, progress=False)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from tqdm import tqdm
+from .progress import Progress
 
 from . import checkpoint as ckpt_io
 from . import data as data_mod
@@ -143,45 +143,6 @@ class Monitor:
         gen = decode_means(model, self.z, self.zy)
         model.train(was)
         return torch.cat([self.x, rec, gen])
-
-
-class Progress:
-    """A tqdm bar on a terminal; when stderr is a log file, a plain line about every tenth of the run."""
-
-    def __init__(self, total: int, start: int, enabled: bool, file=sys.stderr):
-        self.total, self.start, self.enabled, self.file = total, start, enabled, file
-        self.tty = enabled and hasattr(file, "isatty") and file.isatty()
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=file) if self.tty else None
-        self.every = max(1, (total - start) // 10)
-        self.stats = ""
-        self._last_step, self._last_t = start, time.perf_counter()
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled and ((step - self.start) % self.every == 0 or step == self.total):
-            now = time.perf_counter()
-            rate = (step - self._last_step) / max(now - self._last_t, 1e-9)
-            eta = (self.total - step) / rate if rate > 0 else 0.0
-            print(f"vaedraw: step {step:,}/{self.total:,} ({100 * step // max(1, self.total)}%){self.stats}, "
-                  f"{rate:.1f} steps/s, {eta:.0f} s left", file=self.file, flush=True)
-            self._last_step, self._last_t = step, now
-
-    def show(self, loss: float, recon: float, kl: float, images_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{images_per_s:.0f}",
-                                 refresh=False)
-        self.stats = f", loss {loss:.2f} (recon {recon:.2f}, kl {kl:.2f}), {images_per_s:.0f} images/s"
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=self.file)
-        elif self.enabled:
-            print(text, file=self.file, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- signals
@@ -423,7 +384,7 @@ def _run(s: _Session, argv: list[str] | None, progress: bool) -> None:
               f"{s.train_split.name} ({len(s.train_split):,} images), device {s.dev}{procs}, "
               f"steps {s.start}->{cfg.train.steps}{done}", file=sys.stderr)
         fastpath.announce(s.plan, s.dev)
-    step = _loop(s, Progress(cfg.train.steps, s.start, progress and main))
+    step = _loop(s, Progress(cfg.train.steps, "training", "steps", initial=s.start, enabled=progress and main))
     # No barrier after this: rank 0's mixture fit can outlast a collective's timeout, and torchrun waits for
     # every process anyway.
     if main:
@@ -467,7 +428,7 @@ def _loop(s: _Session, bar: Progress) -> int:
                 x, y = s.batcher.batch(step)
                 window.add(s.step_fn(x, y, learning_rate(step, s.cfg)))
                 step += 1
-                bar.update(step)
+                bar.update(1)
                 at_log = step % t.log_every == 0 or step == t.steps
                 if at_log:
                     metrics["train"] = _log_train(s, step, window, saver, bar)
@@ -498,7 +459,8 @@ def _log_train(s: _Session, step: int, window: _Window, saver: Checkpointer, bar
            "lr": learning_rate(step - 1, s.cfg), "images_per_s": ips}
     if s.ctx.is_main:
         s.rundir.log(row)
-        bar.show(loss, recon, kl, ips)
+        bar.set_stats(f", loss {loss:.2f} (recon {recon:.2f}, kl {kl:.2f}), {ips:.0f} images/s",
+                      loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{ips:.0f}")
     window.reset()
     return row
 
