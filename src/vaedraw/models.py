@@ -112,7 +112,7 @@ class VAE(nn.Module):
         for start in range(0, k, chunk):
             kk = min(chunk, k - start)
             eps = torch.randn(kk, *mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-            z = mu + torch.exp(0.5 * logvar) * eps  # [kk, B, D]
+            z = reparameterize(mu, logvar, eps)  # [kk, B, D]
             yy = None if y is None else y.repeat(kk)
             logits = self.decode(z.reshape(-1, z.shape[-1]), yy).view(kk, *x.shape)
             out.append(log_px(x, logits.float(), self.likelihood) + log_standard_normal(z) - log_normal(z, mu, logvar))
