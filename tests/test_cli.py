@@ -382,3 +382,12 @@ def test_every_option_has_help_and_shows_its_default():
                 line = " ".join(sub.format_help().split())
                 assert f"default: {action.default}" in line or "default" in action.help, \
                     f"{name} {action.option_strings[0]}: the help does not show its default"
+
+
+def test_train_seed_is_bounded_by_the_config_when_parsed(tmp_path, capsys):
+    from vaedraw.config import value_range
+
+    hi = int(value_range("train.seed").hi)
+    code, _, err = _cli(["train", "--seed", str(hi + 1), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and f"{hi:,}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

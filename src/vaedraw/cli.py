@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import errors
-from .config import PRESETS, build_config, choices, parse_set
+from .config import PRESETS, build_config, choices, parse_set, value_range
 from .errors import OutputError, VaedrawError
 from .outputs import check_output, show, write_outputs
 
@@ -201,7 +201,9 @@ def add_train(sub) -> None:
     g.add_argument("--epochs", type=_positive_float, help="passes over the training set (converted to steps)")
     p.add_argument("--batch-size", type=_positive_int, help="images per optimizer step (default: the preset's)")
     p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: the preset's)")
-    p.add_argument("--seed", type=_seed, help="random seed, 0 to 2^64 - 1 (default: the preset's)")
+    seeds = value_range("train.seed")  # the config's bound: the mixture fit hands the seed to scikit-learn
+    p.add_argument("--seed", type=_between(int(seeds.lo), int(seeds.hi), "the training seed"),
+                   help=f"random seed, {int(seeds.lo)} to {int(seeds.hi):,} (default: the preset's)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="arithmetic of the forward pass; auto picks per device (default: the preset's)")
     p.add_argument("--compile", choices=("auto", "on", "off"),
