@@ -327,3 +327,14 @@ def test_a_checkpoint_without_an_image_shape_loads_as_28x28(saved):
     ckpt = ckpt_io.load(path)
     assert ckpt.image_shape is None
     assert tuple(ckpt_io.model_from_checkpoint(ckpt, path).image_shape) == (1, 28, 28)
+
+
+def test_a_checkpoint_saved_before_shapes_were_recorded_fits_only_28x28_grey(tiny_run):
+    from vaedraw.errors import CheckpointError
+    from vaedraw.rundir import check_checkpoint_fits
+
+    ckpt = ckpt_io.load(tiny_run / ckpt_io.CHECKPOINT_NAME)
+    ckpt.image_shape = None  # as written by earlier versions
+    check_checkpoint_fits(ckpt, (1, 28, 28), tiny_run)
+    with pytest.raises(CheckpointError, match=r"\(1, 28, 28\)"):
+        check_checkpoint_fits(ckpt, (3, 32, 32), tiny_run)

@@ -17,7 +17,6 @@ from vaedraw import data
 from vaedraw.config import RunConfig, build_config
 from vaedraw.errors import ConfigError, DataError, VaedrawError
 from vaedraw import evaluate
-from vaedraw.models import build_model
 from vaedraw.plots import read_metrics
 from vaedraw.run import load_run
 from vaedraw.sample import GaussianMixture

@@ -221,7 +221,7 @@ def model_from_checkpoint(ckpt: Checkpoint, path: str | Path = "checkpoint") -> 
     """Rebuild the network from the stored config and image shape and load its weights (shapes are checked).
     A checkpoint saved before image shapes were recorded holds a 1x28x28 model."""
     try:
-        image_shape = check_image_shape(SEED_IMAGE_SHAPE if ckpt.image_shape is None else ckpt.image_shape)
+        image_shape = SEED_IMAGE_SHAPE if ckpt.image_shape is None else ckpt.image_shape  # checked on load
         with torch.device("meta"):  # shapes only, no memory: the header is checked before any network is built
             skeleton = build_model(ckpt.config.model, image_shape)
     except ConfigError as e:

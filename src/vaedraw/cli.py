@@ -180,8 +180,10 @@ def digit_labels(digits: list[int], n: int) -> tuple[torch.Tensor, int, list[int
 
 def _grid_with_gaps(x: torch.Tensor, cells: list[int], row: int) -> torch.Tensor:
     """Place images [n, C, H, W] at grid `cells`; empty cells take the grid's background grey."""
+    from .plots import GREY
+
     rows = -(-(max(cells) + 1) // row)
-    out = torch.full((rows * row, *x.shape[1:]), 64 / 255)  # plots.image_grid's canvas grey
+    out = torch.full((rows * row, *x.shape[1:]), GREY / 255)  # plots.image_grid's canvas
     out[cells] = x
     return out
 
@@ -486,7 +488,7 @@ def cmd_interpolate(args) -> int:
     gif = check_output(args.gif, (".gif",), "--gif") if args.gif else None
     run = load_run(args.run_dir, args.device)
     plots.check_picture(2 * frames, run.image_shape[1:], nrow=frames, scale=args.scale)
-    test = latent.load_test_split(run, args.data_dir)
+    test = run.load_split("test", args.data_dir)
     if args.from_index is not None:
         ends = [args.from_index, args.to_index]
         bad = [i for i in ends if not 0 <= i < len(test)]
@@ -534,7 +536,7 @@ def cmd_latent_map(args) -> int:
 
     out = check_output(args.out, (".png",), "--out")
     run = load_run(args.run_dir, args.device)
-    test = latent.load_test_split(run, args.data_dir)
+    test = run.load_split("test", args.data_dir)
     n = min(args.n, len(test))
     labels = _labels_of(test)
     mu = encode_means(run.model, test.images[:n], test.labels[:n])
@@ -580,7 +582,7 @@ def cmd_manifold(args) -> int:
     plots.check_picture(args.grid ** 2, run.image_shape[1:], nrow=args.grid, pad=0, scale=args.scale)
     mu = None
     if run.latent_dim != 2 or args.spacing == "data":
-        test = latent.load_test_split(run, args.data_dir)
+        test = run.load_split("test", args.data_dir)
         n = min(args.n, len(test))
         mu = encode_means(run.model, test.images[:n], test.labels[:n])
     x = latent.manifold(run, args.grid, mu, digit, args.spacing)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import VaedrawError
+from .errors import EXIT_SIGNAL_BASE, EXIT_WORKER, VaedrawError
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     if code == 0:
         return 0
     if stopped:  # the workers saved a checkpoint and rank 0 said how to continue
-        return 128 + stopped[0]
+        return EXIT_SIGNAL_BASE + stopped[0]
     rank, worker_code = _root_cause("".join(held))
     if worker_code is not None and worker_code > 1 and any(s.startswith("vaedraw: ") for s in shown):
         return worker_code  # the worker's own one-line message was shown
@@ -186,8 +186,6 @@ def launch(nproc: int, argv: list[str]) -> int:
         again = argv if "--resume" in argv else [*argv, "--resume"]
         sys.stderr.write(f"vaedraw: error: worker {rank} of {nproc} {how}, so the others stopped; the last checkpoint "
                          f"is intact: continue with: {shlex.join(['vaedraw', *again, '--nproc', str(nproc)])}\n")
-        from .errors import EXIT_WORKER
-
         return EXIT_WORKER
     sys.stderr.writelines(held)  # a bug: its traceback
     return code

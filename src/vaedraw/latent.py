@@ -13,7 +13,6 @@ explorer (web.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -339,9 +338,3 @@ def mnist_like(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     left = int(np.clip(round(centre - cx), 0, MNIST_SIZE - ww))
     out[top:top + hh, left:left + ww] = small
     return torch.from_numpy(out)[None]
-
-
-def load_test_split(run, data_dir: str | Path | None = None):
-    """The test split of the data the run was trained on (`Run.load_split`: other data are refused with
-    a message saying which to pass)."""
-    return run.load_split("test", data_dir)

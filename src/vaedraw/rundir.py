@@ -28,6 +28,7 @@ from . import checkpoint as ckpt_io
 from . import plots
 from .config import RunConfig, diff
 from .errors import CheckpointError, ConfigError, OutputError, RunLocked, VaedrawError
+from .models import SEED_IMAGE_SHAPE
 from .outputs import show
 from .run import DATA_SOURCE_NAME, read_data_source
 
@@ -170,6 +171,6 @@ def settle_config(ckpt: ckpt_io.Checkpoint, requested: RunConfig | None, changes
 
 def check_checkpoint_fits(ckpt: ckpt_io.Checkpoint, image_shape, path: Path) -> None:
     """The data the run continues on must have the shape its network was built for."""
-    stored = tuple(ckpt.image_shape) if ckpt.image_shape is not None else None
-    if stored is not None and stored != tuple(image_shape):
+    stored = tuple(ckpt.image_shape or SEED_IMAGE_SHAPE)  # saved before shapes were recorded: 1x28x28
+    if stored != tuple(image_shape):
         raise CheckpointError(f"{show(path)} holds a model for {stored} images but the data are {tuple(image_shape)}")

@@ -437,7 +437,7 @@ def _loop(s: _Session, bar: Progress) -> int:
                 # one process alone may have been signalled: with several, agree at log points only (a
                 # collective per step would cost a host sync per step)
                 if bool(signals) if not ctx.enabled else (at_log and dist_mod.any_flag(bool(signals), ctx, s.dev)):
-                    if ctx.is_main:
+                    if ctx.is_main and saver.saved_step != step:  # _periodic may have just saved it
                         saver.save(step, metrics, window.sums)
                     signum = signals[0] if signals else signal.SIGTERM
                     raise TrainingInterrupted(f"stopped at step {step}, checkpoint saved; continue with: "

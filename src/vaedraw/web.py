@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from . import data, latent
 from .errors import CheckpointError, ServeError, VaedrawError
+from .sample import encode_means
 
 STATIC_DIR = Path(__file__).resolve().parent / "web_static"
 MAX_BODY = 64 * 1024  # bytes; the largest legitimate body (a 96x96 drawing) is about 40 KB
@@ -127,22 +128,15 @@ class Explorer:
     def __init__(self, run, data_dir: str | Path | None = None, n_map: int = N_MAP, test=None):
         self.run = run
         self.lock = threading.Lock()
-        test = latent.load_test_split(run, data_dir) if test is None else test
+        test = run.load_split("test", data_dir) if test is None else test
         self.test_images, self.test_labels = test.images, test.labels
         self.label_classes = _classes_in(test.labels)
-        mu, labels = self._map_codes(test.images[:n_map], test.labels[:n_map])
+        mu = encode_means(run.model, test.images[:n_map], test.labels[:n_map] if run.conditional else None)
         self._check_model(mu)
         self.projection = latent.Projection.fit(mu, "pca")
-        self.map_labels = labels
+        self.map_labels = test.labels[:n_map]
         d = run.latent_dim
         self.basis = latent.Basis.axes(d) if d <= MAX_AXES else latent.Basis.principal(mu, MAX_AXES)
-
-    def _map_codes(self, images: torch.Tensor, labels: torch.Tensor, batch: int = 500):
-        """Encoder means of the images placed on the map, through the run's own encode. -> (mu [n, D], labels)"""
-        run = self.run
-        mu = [run.encode(data.to_float(images[i:i + batch]), labels[i:i + batch] if run.conditional else None)[0]
-              for i in range(0, len(images), batch)]
-        return torch.cat(mu) if mu else torch.zeros(0, run.latent_dim), labels.clone()
 
     def _check_model(self, mu: torch.Tensor) -> None:
         """Refuse to start on weights or a mixture that give non-finite codes or pictures: every
@@ -397,7 +391,7 @@ class HostGuard:
         values = [v for k, v in scope.get("headers") or [] if k == b"host"]
         header = values[0].decode("latin-1") if len(values) == 1 else ""
         if not self.rule.allows(header):
-            shown = "".join(ch if ch.isprintable() else "?" for ch in header[:100])
+            shown = data.sanitize(header, 100)
             return await _reply(send, 403, f"Host {shown!r} is not an address this explorer serves "
                                            f"(it answers {self.rule.describe()})")
         return await self.app(scope, receive, send)

@@ -192,7 +192,7 @@ def _bundled(split: str) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _parse(images_path: Path, labels_path: Path, name: str, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _parse(images_path: Path, labels_path: Path, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim == 1:
         raise DataError(f"{images_path}: holds labels (magic 0x801) where images were expected.")
@@ -223,7 +223,7 @@ def _split_from_files(dataset: str, split: str, files: tuple[Path, Path], source
     if key not in _memo:
         parsed = next((m for k, m in _memo.items() if k[:2] == key[:2] and k[4:] == stats), None)
         if parsed is None:  # not even reached another way (cache now, download before)
-            images, labels = _parse(files[0], files[1], f"{dataset}/{split}", N_CLASSES)
+            images, labels = _parse(files[0], files[1], N_CLASSES)
             subset = dataset == "mnist" and (source == "bundled" or _is_subset(split, images))
         else:
             images, labels, subset = parsed.images, parsed.labels, parsed.provenance["subset"]
