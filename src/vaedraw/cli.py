@@ -67,16 +67,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _at_most(limit: int, why: str):
-    """A positive whole number no larger than `limit` (an argparse type)."""
-    def parse(text: str) -> int:
-        value = _positive_int(text)
-        if value > limit:
-            raise argparse.ArgumentTypeError(f"{value:,} is more than {limit:,} ({why})")
-        return value
-    return parse
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -268,7 +258,7 @@ def _add_run(p) -> None:
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw new images from a trained run")
     _add_run(p)
-    p.add_argument("-n", type=_at_most(MAX_SAMPLES, "one grid picture; draw several batches with other --seed values"),
+    p.add_argument("-n", type=_between(1, MAX_SAMPLES, "one grid picture; draw more with other --seed values"),
                    default=64, help=f"how many images, at most {MAX_SAMPLES:,}")
     p.add_argument("--out", default="samples.png", help="grid picture (.png)")
     p.add_argument("--npz", help="also write x: uint8 [n, H, W] = round(255 * pixel mean) to this .npz")
@@ -311,7 +301,7 @@ def cmd_sample(args) -> int:
 def add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="test images above, their reconstructions below")
     _add_run(p)
-    p.add_argument("-n", type=_at_most(MAX_RECONSTRUCT, "they sit in one row"), default=16,
+    p.add_argument("-n", type=_between(1, MAX_RECONSTRUCT, "they sit in one row"), default=16,
                    help=f"how many test images, at most {MAX_RECONSTRUCT:,}")
     p.add_argument("--out", default="recon.png", help="picture (.png)")
     p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
@@ -337,7 +327,7 @@ def cmd_reconstruct(args) -> int:
 def add_fit_gmm(sub) -> None:
     p = sub.add_parser("fit-gmm", help="(re)fit the gmm sampler of a run to its training set")
     _add_run(p)
-    p.add_argument("--components", type=_at_most(MAX_COMPONENTS, "each is a full covariance matrix"),
+    p.add_argument("--components", type=_between(1, MAX_COMPONENTS, "each is a full covariance matrix"),
                    help=f"mixture size, at most {MAX_COMPONENTS:,} "
                         "(default: the fitted mixture's, else the run's config)")
     p.add_argument("--force", action="store_true", help="allow replacing a mixture with a smaller one")
@@ -380,9 +370,9 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="likelihood bounds and sample quality of a trained run")
     _add_run(p)
     p.add_argument("--split", choices=SPLITS, default="test", help="images for the likelihood")
-    p.add_argument("--iwae-k", type=_at_most(MAX_IWAE_K, "importance samples per image"), default=1000,
+    p.add_argument("--iwae-k", type=_between(1, MAX_IWAE_K, "importance samples per image"), default=1000,
                    help=f"importance samples per image, at most {MAX_IWAE_K:,}")
-    p.add_argument("-n", "--n-samples", dest="n_samples", type=_at_most(MAX_JUDGED, "generated images judged"),
+    p.add_argument("-n", "--n-samples", dest="n_samples", type=_between(1, MAX_JUDGED, "generated images judged"),
                    default=10000, help=f"generated images judged, at most {MAX_JUDGED:,}")
     p.add_argument("--n-images", type=_positive_int, help="use only the first N images of the split (default: all)")
     p.add_argument("--sampler", choices=choices("sample.sampler"),
@@ -520,7 +510,7 @@ def add_latent_map(sub) -> None:
     _add_run(p)
     p.add_argument("--method", choices=PROJECTIONS, default="pca",
                    help="projection for latents larger than 2-d (umap needs umap-learn)")
-    p.add_argument("-n", type=_at_most(MAX_MAP_POINTS, "codes on one map"), default=5000,
+    p.add_argument("-n", type=_between(1, MAX_MAP_POINTS, "codes on one map"), default=5000,
                    help=f"test images to place, at most {MAX_MAP_POINTS:,}")
     p.add_argument("--out", default="latent_map.png", help="scatter plot (.png)")
     p.add_argument("--seed", type=_between(0, 2**32 - 1, "seeds of scikit-learn and UMAP"), default=0,
@@ -561,7 +551,7 @@ def add_manifold(sub) -> None:
     p.add_argument("--out", default="manifold.png", help="picture (.png)")
     _add_scale(p)
     p.add_argument("--digit", type=_digit, help="conditional runs: the class to draw (default: 0)")
-    p.add_argument("-n", type=_at_most(MAX_MAP_POINTS, "codes that place the grid"), default=5000,
+    p.add_argument("-n", type=_between(1, MAX_MAP_POINTS, "codes that place the grid"), default=5000,
                    help=f"test images whose means place the plane and its extent, at most {MAX_MAP_POINTS:,}")
     p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
     p.set_defaults(func=cmd_manifold)
