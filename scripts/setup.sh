@@ -18,7 +18,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" ${TORCH_SPEC:-torch==2.13.0}
 fi
 if [ "$want_test" = 1 ]; then
-  "${pip[@]}" -e ".[test]"
+  # the ONNX export and TensorBoard tests need their optional extras too
+  "${pip[@]}" -e ".[test,onnx,tensorboard]"
   # The browser tests drive Debian's Chromium through Playwright (never `playwright install`, which
   # downloads its own browsers). Without root or apt-get they skip and say why.
   if [ ! -x /usr/bin/chromium ]; then

@@ -312,7 +312,7 @@ def test_choices_of_a_key_that_is_no_choice_is_an_error(key):
 
 # ----------------------------------------------------------------------------- architecture sections
 def test_conv_options_live_in_their_own_section():
-    assert ARCH_SECTIONS == ("conv",)
+    assert ARCH_SECTIONS == ("conv", "hierarchical")
     cfg = build_config("default", overrides={"model.conv.channels": "8", "model.conv.hidden": "32"})
     assert (cfg.model.conv.channels, cfg.model.conv.hidden) == (8, 32)
     assert cfg.to_dict()["model"]["conv"] == {"channels": 8, "hidden": 32}

@@ -519,9 +519,14 @@ def test_mirror_urls_are_sanitized_in_messages() -> None:
 
 
 def test_the_registry_describes_the_built_ins() -> None:
-    assert list(data.DATASETS) == ["mnist", "fashion-mnist"]
-    for spec in data.DATASETS.values():
+    built_in = {n: s for n, s in data.DATASETS.items() if not s.own_data}
+    assert list(built_in) == ["mnist", "fashion-mnist"]
+    for spec in built_in.values():
         assert (spec.shape, spec.n_classes, spec.likelihood, spec.binarize) == ((1, 28, 28), 10, "bernoulli", "dynamic")
+    # the user's own images are 8-bit pixels whose shape and classes come from the files
+    for name in ("folder", "array"):
+        spec = data.DATASETS[name]
+        assert (spec.shape, spec.n_classes, spec.likelihood, spec.binarize) == (None, None, "logistic_mixture", "none")
     test = data.load_split("mnist", "test", download=False)
     assert (test.shape, test.n_classes) == ((1, 28, 28), 10)
 

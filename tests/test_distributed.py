@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from vaedraw import distributed
@@ -29,18 +30,26 @@ SETS = {"model.channels": 4, "model.hidden": 16, "model.latent_dim": 4, "model.d
         "sample.fit_gmm": False, "sample.sampler": "prior", "train.precision": "fp32"}
 
 
-def test_two_processes_match_one(mnist_dir, tmp_path):
+# the hierarchy with the importance-weighted objective: K samples per image, each drawn for the global batch
+HIERARCHICAL_SETS = {**{k: v for k, v in SETS.items() if not k.startswith("model.")},
+                     "model.hierarchical.channels": 4, "model.hierarchical.latent_channels": 2,
+                     "model.hierarchical.hidden": 16, "model.latent_dim": 4, "train.iwae_k": 2,
+                     "train.kl_warmup": 3, "train.grad_clip": 50.0}
+
+
+@pytest.mark.parametrize("name, sets", [("default", SETS), ("hierarchical", HIERARCHICAL_SETS)])
+def test_two_processes_match_one(mnist_dir, tmp_path, name, sets):
     env = {**os.environ, "VAEDRAW_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    args = ["train", "--device", "cpu", "--data-dir", str(mnist_dir), "--no-progress",
-            *[a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]]
+    args = ["train", "--preset", name, "--device", "cpu", "--data-dir", str(mnist_dir), "--no-progress",
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     two = tmp_path / "two"
     proc = subprocess.run(distributed.torchrun_command(2, [*args, "--out", str(two)]), env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr
 
-    cfg = preset("default")
-    apply_overrides(cfg, SETS)
+    cfg = preset(name)
+    apply_overrides(cfg, sets)
     one = train(cfg, tmp_path / "one", device="cpu", data_dir=mnist_dir, progress=False, argv=["t"])
     a = load_checkpoint(one / "checkpoint.safetensors")
     b = load_checkpoint(two / "checkpoint.safetensors")

@@ -401,3 +401,50 @@ def test_a_run_without_a_data_record_is_not_comparable_on_the_bundled_subset(tin
     part = dataclasses.replace(part, provenance={**part.provenance, "source": "bundled", "subset": True})
     comparable, reason = evaluate._comparability(run, "test", part, "bernoulli")
     assert comparable is False and "recorded no training data" in reason
+
+
+# ----------------------------------------------------------------------------- the fast IWAE pass
+def test_iwae_fast_path_keeps_the_noise_and_the_bound(batch):
+    from vaedraw import fastpath
+
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = iwae(model, batch[:6], None, k=40, seed=5)
+    assert torch.equal(exact, iwae(model, batch[:6], None, k=40, seed=5, precision="fp32"))  # fp32 is the default
+    fast = iwae(model, batch[:6], None, k=40, seed=5, precision="auto")
+    if fastpath.device_class(torch.device("cpu")) == "cpu":  # no native bf16: auto is float32 exactly
+        assert torch.equal(fast, exact)
+    else:
+        # same seeded noise, networks in bf16: per-image bounds a few hundredths of a nat apart, not a
+        # different draw (which would move them by nats)
+        assert not torch.equal(fast, exact) and (fast - exact).abs().max() < 0.5
+    # the model itself is left as it was: weights, layout, mode
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.is_contiguous() for p in model.parameters()) and not model.training
+
+
+def test_iwae_fast_path_first_samples_are_those_of_a_smaller_k(batch):
+    """The first j of k samples are those of a run with j: one image per batch, k split into chunks."""
+    model = _model()
+    x = batch[:1]
+    g = torch.Generator().manual_seed(11)
+    log_w = model.log_weights(x, None, 30, generator=g, chunk=7)
+    g = torch.Generator().manual_seed(11)
+    first = model.log_weights(x, None, 10, generator=g, chunk=10)
+    torch.testing.assert_close(log_w[:10], first, rtol=1e-5, atol=1e-4)
+
+
+def test_iwae_refuses_an_unknown_precision(batch):
+    with pytest.raises(evaluate.VaedrawError, match="precision must be one of auto, fp32"):
+        iwae(_model(), batch[:2], None, k=2, precision="fp16")
+
+
+def test_vaedraw_eval_precision_fp32_is_recorded(tiny_run, small_mnist, tmp_path):
+    out = tmp_path / "eval32.json"
+    assert main(["eval", str(tiny_run), "--iwae-k", "5", "--n-samples", "50", "--n-images", "20", "--precision",
+                 "fp32", "--data-dir", str(small_mnist), "--device", "cpu", "--json", str(out), "--no-save"]) == 0
+    res = json.loads(out.read_text())
+    assert res["iwae_precision"] == "fp32"
+    fast = evaluate_run(load_run(tiny_run, "cpu"), iwae_k=5, n_samples=50, data_dir=small_mnist, n_images=20,
+                        progress=False)
+    assert fast["iwae_precision"] in ("fp32", "bf16") and abs(fast["iwae"] - res["iwae"]) < 0.5

@@ -207,11 +207,11 @@ def test_a_nan_between_log_points_never_reaches_the_checkpoint_and_the_advice_wo
     """Weights overflow at step 6; the loss is logged every 4 steps, a checkpoint is written every step."""
     real_call = fastpath.FastStep.__call__
 
-    def overflow_at_step_6(self, x, y, lr):
+    def overflow_at_step_6(self, x, y, lr, kl_weight=1.0):
         if self._calls == 5:  # this call makes step 6
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("inf"))
-        return real_call(self, x, y, lr)
+        return real_call(self, x, y, lr, kl_weight)
 
     monkeypatch.setattr(fastpath.FastStep, "__call__", overflow_at_step_6)
     out = tmp_path / "run"

@@ -36,5 +36,5 @@ class ToyVAE(VAE):
     def encode(self, x, y=None):
         return self.encoder(self._with_label(x.flatten(1), y)).chunk(2, dim=1)
 
-    def decode(self, z, y=None):
+    def decode(self, z, y=None, eps=None):
         return self.decoder(self._with_label(z, y)).view(-1, *self.image_shape)

@@ -201,12 +201,16 @@ def add_train(sub) -> None:
     p.add_argument("--compile", choices=("auto", "on", "off"),
                    help="torch.compile the step; auto picks per device (default: the preset's)")
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--data-dir", help="folder with the four IDX files (else $VAEDRAW_DATA_DIR, cache, download)")
+    p.add_argument("--data-dir", help="mnist/fashion-mnist: folder with the four IDX files (else $VAEDRAW_DATA_DIR, "
+                   "cache, download); folder: a folder of images; array: an .npz/.npy file (docs/DATA.md)")
     p.add_argument("--out", help="run directory (default runs/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--keep", choices=("stored", "new"),
                    help="on --resume with a differing config: which config to keep")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into RUN_DIR/tensorboard/ (train.tensorboard=true; "
+                        "needs pip install 'vaedraw[tensorboard]')")
     p.add_argument("--nproc", type=_positive_int,
                    help="data-parallel processes on this machine (starts torchrun; one per GPU, or gloo on CPUs)")
     p.set_defaults(func=cmd_train)
@@ -216,7 +220,7 @@ def train_overrides(args) -> dict[str, object]:
     """The config changes the command line asks for (named flags, then --set)."""
     named = {"data.dataset": args.dataset, "train.steps": args.steps, "train.batch_size": args.batch_size,
              "train.lr": args.lr, "train.seed": args.seed, "train.precision": args.precision,
-             "train.compile": args.compile}
+             "train.compile": args.compile, "train.tensorboard": True if args.tensorboard else None}
     out: dict[str, object] = {k: v for k, v in named.items() if v is not None}
     out.update(parse_set(args.set))
     return out
@@ -228,6 +232,10 @@ def cmd_train(args) -> int:
     from .train import train
 
     argv = list(getattr(args, "argv", sys.argv[1:]))
+    if args.tensorboard:
+        from .tracking import require_tensorboard
+
+        require_tensorboard()  # before any work, and before torchrun starts workers
     if args.nproc and args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, argv)
     overrides = train_overrides(args)
@@ -304,7 +312,7 @@ def add_reconstruct(sub) -> None:
     p.add_argument("-n", type=_between(1, MAX_RECONSTRUCT, "they sit in one row"), default=16,
                    help=f"how many test images, at most {MAX_RECONSTRUCT:,}")
     p.add_argument("--out", default="recon.png", help="picture (.png)")
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
+    p.add_argument("--data-dir", help="the data set's folder or file (default: where the run's data came from)")
     p.set_defaults(func=cmd_reconstruct)
 
 
@@ -331,7 +339,7 @@ def add_fit_gmm(sub) -> None:
                    help=f"mixture size, at most {MAX_COMPONENTS:,} "
                         "(default: the fitted mixture's, else the run's config)")
     p.add_argument("--force", action="store_true", help="allow replacing a mixture with a smaller one")
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
+    p.add_argument("--data-dir", help="the data set's folder or file (default: where the run's data came from)")
     p.set_defaults(func=cmd_fit_gmm)
 
 
@@ -366,6 +374,7 @@ def cmd_fit_gmm(args) -> int:
 # ----------------------------------------------------------------------------- eval
 def add_eval(sub) -> None:
     from .data import SPLITS
+    from .evaluate import FD_BOOTSTRAP, MAX_BOOTSTRAP
 
     p = sub.add_parser("eval", help="likelihood bounds and sample quality of a trained run")
     _add_run(p)
@@ -377,9 +386,22 @@ def add_eval(sub) -> None:
     p.add_argument("--n-images", type=_positive_int, help="use only the first N images of the split (default: all)")
     p.add_argument("--sampler", choices=choices("sample.sampler"),
                    help="where codes come from (default: the run's preset's best)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the importance samples and generated images")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the importance samples, generated images and FD bootstrap")
+    p.add_argument("--temperature", type=_temperature,
+                   help="sampling temperature of the generated images (default: the run's sample.temperature)")
+    p.add_argument("--fd-bootstrap", type=_between(0, MAX_BOOTSTRAP, "bootstrap resamples of the FD"),
+                   default=FD_BOOTSTRAP, help="resamples of the generated features behind the FD's 95%% interval "
+                                              "(0: no interval)")
+    p.add_argument("--precision", choices=("auto", "fp32"), default="auto",
+                   help="the IWAE pass: auto runs the networks in bfloat16 where the device has it natively "
+                        "(log densities stay float32; the bound moves < 0.05 nats, about 2x faster on a CPU); "
+                        "fp32 computes everything in float32")
     p.add_argument("--json", metavar="OUT.json", help="also write the figures as JSON")
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="do not record the figures in RUN_DIR/eval.json, which `vaedraw report` reads "
+                        "(by default they are recorded there)")
+    p.add_argument("--data-dir", help="the data set's folder or file (default: where the run's data came from)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -393,14 +415,65 @@ def cmd_eval(args) -> int:
     out = check_output(args.json, (".json",), "--json") if args.json else None
     run = load_run(args.run_dir, args.device)
     result = evaluate_run(run, split=args.split, iwae_k=args.iwae_k, n_samples=args.n_samples, sampler=args.sampler,
-                          data_dir=args.data_dir, seed=args.seed, n_images=args.n_images)
+                          data_dir=args.data_dir, seed=args.seed, n_images=args.n_images,
+                          fd_bootstrap=args.fd_bootstrap, precision=args.precision, temperature=args.temperature)
     print(format_report(result))
+    if args.save:
+        _save_eval(run.run_dir, result)
     if out is not None:
         try:
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         except OSError as e:
             raise OutputError(f"--json {show(out)}: {e.strerror or e}; the figures are printed above only") from None
         print(f"vaedraw: figures -> {show(out)}")
+    return 0
+
+
+def _save_eval(run_dir: Path, result: dict) -> None:
+    """RUN_DIR/eval.json for `vaedraw report`; a run directory that cannot take it costs a warning, not the figures."""
+    from .report import eval_path, save_eval
+
+    try:
+        print(f"vaedraw: figures -> {show(save_eval(run_dir, result))} (read by `vaedraw report`)")
+    except (OSError, VaedrawError) as e:
+        reason = (e.strerror or e) if isinstance(e, OSError) else e
+        print(f"vaedraw: warning: {show(eval_path(run_dir))} not saved ({reason}); `vaedraw report` reads it, so "
+              "keep the figures with --json", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- report
+def add_report(sub) -> None:
+    from .report import QUICK_EVAL
+
+    p = sub.add_parser("report", help="one page comparing evaluated runs side by side (markdown or HTML)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories evaluated by `vaedraw eval`")
+    p.add_argument("--out", default="report.md", help="the page: .md (pictures linked) or .html (self-contained)")
+    g = p.add_argument_group("runs without eval.json")
+    g.add_argument("--eval", action="store_true",
+                   help="evaluate them first, quickly (sizes below), and save their eval.json")
+    g.add_argument("--iwae-k", type=_between(1, MAX_IWAE_K, "importance samples per image"),
+                   default=QUICK_EVAL["iwae_k"], help="with --eval: importance samples per image")
+    g.add_argument("-n", "--n-samples", dest="n_samples", type=_between(1, MAX_JUDGED, "generated images judged"),
+                   default=QUICK_EVAL["n_samples"], help="with --eval: generated images judged")
+    g.add_argument("--n-images", type=_positive_int, default=QUICK_EVAL["n_images"],
+                   help="with --eval: the first N images of the test split")
+    g.add_argument("--device", type=_device, default="auto", help="with --eval: auto | cpu | cuda | cuda:N")
+    g.add_argument("--data-dir", help="with --eval: the data set's folder or file (default: the run's record)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report import KINDS, check_runs, evaluate_missing, write_report
+
+    out = check_output(args.out, KINDS, "--out")
+    dirs = [Path(d) for d in args.run_dirs]
+    check_runs(dirs, evaluate=args.eval)
+    if args.eval:
+        for run_dir in evaluate_missing(dirs, device=args.device, data_dir=args.data_dir, iwae_k=args.iwae_k,
+                                        n_samples=args.n_samples, n_images=args.n_images):
+            print(f"vaedraw: quick evaluation of {show(run_dir)} -> {show(run_dir / 'eval.json')}")
+    write_report(dirs, out)
+    print(f"vaedraw: report of {len(dirs)} run{'s' * (len(dirs) != 1)} -> {show(out)}")
     return 0
 
 
@@ -451,7 +524,7 @@ def add_interpolate(sub) -> None:
     p.add_argument("--out", default="interp.png", help="strip: linear row above, spherical row below (.png)")
     p.add_argument("--gif", help="also write an animated GIF (linear | spherical), there and back (.gif)")
     _add_scale(p)
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
+    p.add_argument("--data-dir", help="the data set's folder or file (default: where the run's data came from)")
     p.set_defaults(func=cmd_interpolate)
 
 
@@ -515,7 +588,7 @@ def add_latent_map(sub) -> None:
     p.add_argument("--out", default="latent_map.png", help="scatter plot (.png)")
     p.add_argument("--seed", type=_between(0, 2**32 - 1, "seeds of scikit-learn and UMAP"), default=0,
                    help="seed of the t-SNE / UMAP optimisation")
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
+    p.add_argument("--data-dir", help="the data set's folder or file (default: where the run's data came from)")
     p.set_defaults(func=cmd_latent_map)
 
 
@@ -553,7 +626,7 @@ def add_manifold(sub) -> None:
     p.add_argument("--digit", type=_digit, help="conditional runs: the class to draw (default: 0)")
     p.add_argument("-n", type=_between(1, MAX_MAP_POINTS, "codes that place the grid"), default=5000,
                    help=f"test images whose means place the plane and its extent, at most {MAX_MAP_POINTS:,}")
-    p.add_argument("--data-dir", help="folder with the dataset's files (default: where the run's data came from)")
+    p.add_argument("--data-dir", help="the data set's folder or file (default: where the run's data came from)")
     p.set_defaults(func=cmd_manifold)
 
 
@@ -614,8 +687,33 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the decoder and encoder as ONNX graphs, for clients without PyTorch")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `vaedraw train`")
+    p.add_argument("--onnx", metavar="OUT_DIR", required=True,
+                   help="folder for decoder.onnx, encoder.onnx and model.json (docs/EXPORT.md; needs "
+                        "pip install 'vaedraw[onnx]')")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import check_out_dir, export_run, require_onnx
+    from .run import load_run
+
+    require_onnx()
+    out = check_out_dir(args.onnx)
+    run = load_run(args.run_dir, "cpu")  # graphs are traced on the CPU in float32, whatever trained them
+    export_run(run, out)
+    cond = ", label" if run.conditional else ""
+    lower = f", eps_0..eps_{len(run.model.lower_shapes) - 1}" if run.model.lower_shapes else ""
+    print(f"vaedraw: decoder (code{cond}{lower} -> pixel means), encoder (image{cond} -> mu, logvar) and "
+          f"model.json -> {show(out)}")
+    return 0
+
+
 COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm, add_eval, add_interpolate, add_latent_map,
-            add_manifold, add_serve]
+            add_manifold, add_serve, add_export, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,9 +88,15 @@ def recorded(default: Any):
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
-    dataset: str = choice("mnist", "vaedraw.data", "DATASETS")  # a registered data set: mnist | fashion-mnist
+    # a registered data set: mnist | fashion-mnist | folder (a folder of images) | array (an .npz/.npy file)
+    dataset: str = choice("mnist", "vaedraw.data", "DATASETS")
     # dynamic (resample x ~ Bernoulli(pixel) each batch) | none (grayscale targets)
     binarize: str = choice("dynamic", "vaedraw.data.spec", "BINARIZE")
+    # folder / array only: side in pixels of the square images (short side resized, centre cropped);
+    # 0 = the images' own size, which must then be the same for all
+    image_size: int = bounded(0, 0, 4096)
+    # folder / array only: 1 (grey) | 3 (RGB) | 0 = the images' own (grey if every image is grey, else RGB)
+    channels: int = bounded(0, 0, 3)
     # recorded by training: true when the images were the bundled 9,000 + 1,000-digit subset of MNIST's
     # training set (wherever they were read from), not the full data set; data.json says where from
     subset: bool = recorded(False)
@@ -105,21 +111,34 @@ class ConvOptions:
 
 
 @dataclass
+class HierarchicalOptions:
+    """Options of model.arch=hierarchical (models.HierarchicalVAE)."""
+
+    channels: int = bounded(32, 2, 4096)  # feature maps at H/4; H/2 has half as many
+    groups: int = bounded(2, 0, 32)  # latent groups at each of the two resolutions (H/4, H/2)
+    latent_channels: int = bounded(8, 1, 1024)  # channels of a group at H/4; at H/2 half as many
+    hidden: int = bounded(256, 1, 65536)  # the dense layer between the H/4 map and the code
+
+
+@dataclass
 class ModelConfig:
     arch: str = choice("conv", "vaedraw.models", "ARCHS")  # seed (the article's network) | conv (ours)
-    # bernoulli (decoder logits) | gaussian (the article's squared error)
+    # bernoulli (decoder logits) | gaussian (the article's squared error) | logistic_mixture (8-bit pixels,
+    # grey or colour: PixelCNN++'s discretized mixture of logistics; needs data.binarize=none)
     likelihood: str = choice("bernoulli", "vaedraw.objectives", "LIKELIHOODS")
+    mixture_components: int = bounded(10, 1, 64)  # K of logistic_mixture (PixelCNN++: 10); unused otherwise
     latent_dim: int = bounded(16, 1, 4096)  # size of z
     dropout: float = bounded(0.0, 0.0, 1.0, hi_open=True)  # drop probability in training (the article: 0.2)
     # > 0 makes a conditional VAE: encoder and decoder both see the one-hot label
     n_classes: int = bounded(0, 0, 10_000)
     # Sections named after an architecture hold its options (ARCH_SECTIONS); the others are unused.
     conv: ConvOptions = field(default_factory=ConvOptions)
+    hierarchical: HierarchicalOptions = field(default_factory=HierarchicalOptions)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = bounded(6000, 1, 10**9)  # optimizer steps; --epochs converts to steps (steps_for_epochs)
+    steps: int = bounded(12_000, 1, 10**9)  # optimizer steps; --epochs converts to steps (steps_for_epochs)
     batch_size: int = bounded(128, 1, 65536)  # images per step (global, over all processes)
     lr: float = bounded(1e-3, 0.0, math.inf, lo_open=True, hi_open=True)  # Adam learning rate
     # constant | cosine (decay to lr_min_ratio * lr over the run)
@@ -135,8 +154,16 @@ class TrainConfig:
     picture_every: int = bounded(500, 1, 10**9)  # steps between monitoring pictures
     checkpoint_every: int = bounded(1000, 1, 10**9)  # steps between checkpoints (one is always written at the end)
     eval_images: int = bounded(10000, 1, 10**7)  # test images used by the periodic evaluation
+    # importance samples per image in the objective: 1 = the ELBO, K > 1 the IWAE bound L_K (Burda et al. 2015)
+    iwae_k: int = bounded(1, 1, 4096)
+    kl_warmup: int = bounded(0, 0, 10**9)  # steps over which the KL weight rises linearly from 0 to 1 (0 = off)
+    grad_clip: float = bounded(0.0, 0.0)  # clip the gradient's global norm to this (0 = off)
     precision: str = choice("auto", "vaedraw.fastpath", "PRECISIONS")  # auto | fp32 | bf16
     compile: str = choice("auto", "vaedraw.fastpath", "COMPILE_MODES")  # auto | on | off
+    # auto precision/compile measured on this machine once, then cached (autotune.py); false: fastpath.AUTO
+    autotune: bool = True
+    # TensorBoard event files in RUN_DIR/tensorboard/ (tracking.py; pip install 'vaedraw[tensorboard]')
+    tensorboard: bool = False
 
 
 @dataclass
@@ -241,8 +268,18 @@ def _latent2() -> RunConfig:
     return cfg
 
 
+def _hierarchical() -> RunConfig:
+    """The top-down hierarchical VAE (models/hierarchical.py) at the CPU budget (docs/RESULTS.md)."""
+    return RunConfig(
+        preset="hierarchical",
+        model=ModelConfig(arch="hierarchical", latent_dim=32),
+        train=TrainConfig(steps=6000, kl_warmup=1000, grad_clip=200.0),
+    )
+
+
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     "default": _default,
+    "hierarchical": _hierarchical,
     "seed": _seed,
     "conditional": _conditional,
     "latent2": _latent2,
@@ -452,6 +489,9 @@ def _check(cfg: RunConfig, given: set[str] = frozenset()) -> None:
         raise ConfigError("model.arch=seed is the article's unconditional network; set model.n_classes=0")
     if m.likelihood == "gaussian" and cfg.data.binarize != "none":
         raise ConfigError("model.likelihood=gaussian models grayscale pixels; set data.binarize=none")
+    if m.likelihood == "logistic_mixture" and cfg.data.binarize != "none":
+        raise ConfigError("model.likelihood=logistic_mixture models the 8-bit pixels as they are; "
+                          "set data.binarize=none")
 
 
 def parse_set(items: list[str]) -> dict[str, str]:
@@ -496,8 +536,24 @@ def build_config(
     cfg = preset(name)
     given = _assign(cfg, flat, parse_text=False)  # TOML values carry their own types: "0.1" is a string
     given |= _assign(cfg, overrides or {}, parse_text=True)
+    _dataset_defaults(cfg, given)
     _check(cfg, given)
     return cfg
+
+
+def _dataset_defaults(cfg: RunConfig, given: set[str]) -> None:
+    """The data set's own pixel model (DatasetSpec.likelihood, .binarize: a logistic mixture of 8-bit pixels
+    for the user's images) where neither the user nor the preset chose one (the preset left the field at
+    its default)."""
+    from .data import DATASETS
+
+    spec = DATASETS.get(cfg.data.dataset)
+    if spec is None:
+        return
+    if "model.likelihood" not in given and cfg.model.likelihood == ModelConfig().likelihood:
+        cfg.model.likelihood = spec.likelihood
+    if "data.binarize" not in given and cfg.data.binarize == DataConfig().binarize:
+        cfg.data.binarize = spec.binarize
 
 
 def diff(a: RunConfig, b: RunConfig) -> dict[str, tuple[Any, Any]]:

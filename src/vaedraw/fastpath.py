@@ -7,7 +7,8 @@ is then called once per optimizer step:
 
 x: float [b, C, H, W] in [0, 1] (this process's rows of the global batch), y: int64 [b] or None.
 
-What a plan can switch on (each one only where it measured faster, see AUTO):
+What a plan can switch on (each one only where it measured faster: on this machine by autotune.py, else
+per the AUTO table):
 - bf16: torch.autocast of the forward pass; the loss, gradients and Adam stay float32.
 - compile: torch.compile of the forward pass and loss (backward through AOTAutograd).
 - channels_last: NHWC activations and conv weights (oneDNN and cuDNN prefer it).
@@ -36,9 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import SameCrop
+from .objectives import iwae_bound
 
-# What `auto` picks, by device class and architecture, with the measurement behind it
+# The static `auto` plan, by device class and architecture, with the measurement behind it
 # (benchmarks/speed.py, docs/SPEED.md; CPU: 2-core AMD EPYC with AVX512-BF16, torch 2.13, shared machine).
+# `vaedraw train` measures `auto` on its own machine instead (autotune.py: the candidates around this row,
+# timed once per model and machine, then cached); this row is what it starts from and what runs use with
+# train.autotune=false, runs too short to measure, and code that calls choose_plan alone.
 AUTO: dict[tuple[str, str], dict[str, bool | str]] = {
     # seed on CPU: fused Adam + conv_as_conv + channels-last + bf16 is the fastest eager variant measured
     # (see SPEED.md); compile did not pay for its compile time within a run. bf16's 2,000-step test loss
@@ -50,14 +55,21 @@ AUTO: dict[tuple[str, str], dict[str, bool | str]] = {
     # its 2,000-step test loss is 0.04% from float32. channels-last and compile measured no faster.
     ("cpu-bf16", "conv"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": False},
     ("cpu", "conv"): {"precision": "fp32", "compile": False, "channels_last": False, "conv_as_conv": False},
+    # hierarchical on CPU: bf16 autocast + channels-last measured fastest (93 ms/step against float32's 135 ms
+    # on a loaded 2-core AMD EPYC, by the measured plan; docs/SPEED.md).
+    ("cpu-bf16", "hierarchical"): {"precision": "bf16", "compile": False, "channels_last": True,
+                                   "conv_as_conv": False},
+    ("cpu", "hierarchical"): {"precision": "fp32", "compile": False, "channels_last": False, "conv_as_conv": False},
     # GPUs: the whole step in one CUDA graph, TF32 matmuls, bf16 autocast (per the H100 numbers in SPEED.md).
     ("cuda", "seed"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": True,
                        "cuda_graph": True},
     ("cuda", "conv"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": False,
                        "cuda_graph": True},
+    ("cuda", "hierarchical"): {"precision": "bf16", "compile": False, "channels_last": False, "conv_as_conv": False,
+                               "cuda_graph": True},
 }
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # train.precision: auto takes AUTO's row
-COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")  # train.compile: auto takes AUTO's row
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # train.precision: auto is measured (or AUTO's row)
+COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")  # train.compile: auto is measured (or AUTO's row)
 GRAPH_WARMUP = 3  # eager steps (on a side stream) before capture: lazy state such as Adam's moments
 
 
@@ -96,7 +108,9 @@ def device_class(device: torch.device) -> str:
 
 
 def choose_plan(train_cfg, arch: str, device: torch.device, distributed: bool = False) -> Plan:
-    """Settle cfg.train.precision / cfg.train.compile ('auto' takes AUTO's row) into a Plan for `device`."""
+    """Settle cfg.train.precision / cfg.train.compile ('auto' takes AUTO's row) into a Plan for `device`.
+
+    This is the static plan; training then lets autotune.settle measure what is 'auto' (train.autotune)."""
     cls = device_class(device)
     row = dict(AUTO.get((cls, arch), {}))
     reason = f"auto for {cls}/{arch}"
@@ -241,11 +255,18 @@ def prepare_model(model: nn.Module, plan: Plan, noise: Noise) -> nn.Module:
 # ----------------------------------------------------------------------------- the step
 class Objective(nn.Module):
     """forward(x, y) -> stack(loss, recon, kl): float32 [3], batch means; the module DDP wraps (its parameters
-    are the model's). The terms are the model's own (`VAE.elbo_terms`), with this step's noise."""
+    are the model's). The terms are the model's own, with this step's noise.
 
-    def __init__(self, model: nn.Module, binarize: bool, plan: Plan, noise: Noise):
+    loss is the objective as trained: recon + w * kl with the KL weight w (`kl_weight`, a device scalar set
+    by FastStep: below 1 during train.kl_warmup), or with train.iwae_k = K > 1 the importance-weighted bound
+    -L_K = -log (1/K) sum_j p(x|z_j) p(z_j)^w / q(z_j|x)^w (Burda et al. 2015), whose recon and kl are the
+    means over the K samples of -log p(x|z_j) and log q(z_j|x) - log p(z_j).
+    """
+
+    def __init__(self, model: nn.Module, binarize: bool, plan: Plan, noise: Noise, iwae_k: int = 1):
         super().__init__()
-        self.model, self.binarize, self.plan, self.noise = model, binarize, plan, noise
+        self.model, self.binarize, self.plan, self.noise, self.iwae_k = model, binarize, plan, noise, iwae_k
+        self.kl_weight = torch.ones(())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.binarize:  # dynamic binarization x ~ Bernoulli(pixel)
@@ -253,10 +274,16 @@ class Objective(nn.Module):
         if self.plan.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y if self.model.n_classes else None
+        w = self.kl_weight.to(x.device)
         with autocast(x.device, self.plan):
+            if self.iwae_k > 1:
+                log_px, log_ratio = self.model.log_weight_terms(x, y, self.iwae_k, self.noise.normal_like,
+                                                                chunk=self.iwae_k)
+                loss = -iwae_bound(log_px + w * log_ratio).mean()
+                return torch.stack([loss, -log_px.mean(), -log_ratio.mean()])
             recon, kl, _ = self.model.elbo_terms(x, y, self.noise.normal_like)
         recon, kl = recon.mean(), kl.mean()
-        return torch.stack([recon + kl, recon, kl])
+        return torch.stack([recon + w * kl, recon, kl])
 
 
 def inference_autocast(device: torch.device, precision: str = "auto"):
@@ -323,7 +350,10 @@ class FastStep:
         if plan.keep_memory:
             keep_freed_memory()
         self.noise = noise or Noise()
-        objective: nn.Module = Objective(model, cfg.data.binarize == "dynamic", plan, self.noise)
+        self.grad_clip = cfg.train.grad_clip
+        self.core = Objective(model, cfg.data.binarize == "dynamic", plan, self.noise, iwae_k=cfg.train.iwae_k)
+        self.core.kl_weight = self.core.kl_weight.to(next(model.parameters()).device)
+        objective: nn.Module = self.core
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -334,6 +364,7 @@ class FastStep:
         self.forward = torch.compile(objective) if plan.compile else objective
         self.compile_s: float | None = None  # seconds spent in the first (compiling) call
         self._lr: float | None = None
+        self._kl_weight = 1.0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._calls = 0
 
@@ -347,15 +378,24 @@ class FastStep:
                 g["lr"] = lr
         self._lr = lr
 
+    def set_kl_weight(self, w: float) -> None:
+        if w != self._kl_weight:
+            self.core.kl_weight.fill_(w)  # in place: the captured graph reads this tensor
+            self._kl_weight = w
+
     def _eager(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         stats = self.forward(x, y)
         stats[0].backward()
+        if self.grad_clip > 0:
+            # on the device, no host sync: gradients scaled by min(1, clip / global norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.opt.step()
         return stats.detach()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float, kl_weight: float = 1.0) -> torch.Tensor:
         self.set_lr(lr)
+        self.set_kl_weight(kl_weight)
         self._calls += 1
         if self.plan.cuda_graph:
             return self._graphed(x, y)

@@ -4,9 +4,9 @@
     mu, logvar = run.encode(x)          # x: [B, C, H, W] in [0, 1] (run.image_shape) -> the code posterior [B, D]
     x_mean = run.decode(z)              # codes z: [n, D] -> pixel means [n, C, H, W]
     x_new = run.sample(64, sampler="gmm", seed=0)
-    x_rec = run.reconstruct(x)          # decode(mu(x)), dropout off
+    x_rec = run.reconstruct(x)          # at the posterior mean (decode(mu(x))), dropout off
 
-Codes are what the model exposes to tools (models.py): D = run.latent_dim = the model's code_dim.
+Codes are what the model exposes to tools (models/): D = run.latent_dim = the model's code_dim.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import checkpoint as ckpt_io
 from .config import RunConfig
 from .errors import CheckpointError, VaedrawError
 from .models import VAE
-from .sample import GMM_NAME, GaussianMixture, decode_means, draw_codes
+from .sample import GMM_NAME, GaussianMixture, decode_means, draw_codes, reconstruct_means
 
 DATA_SOURCE_NAME = "data.json"  # where a run records the data it was trained on
 
@@ -101,24 +101,30 @@ class Run:
             raise VaedrawError(f"digit labels must be in 0..{self.model.n_classes - 1}")
         return y
 
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, C, H, W] in [0, 1] -> the code posterior (mu, logvar) [B, D] on the CPU."""
-        y = self.check_labels(y)
+    def _check_images(self, x) -> torch.Tensor:
         x = torch.as_tensor(x)
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise VaedrawError(f"images must have shape [B, {', '.join(map(str, self.image_shape))}], "
                                f"got {list(x.shape)}")
+        return x
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, C, H, W] in [0, 1] -> the code posterior (mu, logvar) [B, D] on the CPU."""
+        y = self.check_labels(y)
+        x = self._check_images(x)
         mu, logvar = self.model.encode(x.to(self.device).float(), None if y is None else y.to(self.device))
         return mu.float().cpu(), logvar.float().cpu()
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """codes z: [n, D] -> pixel means [n, C, H, W] in [0, 1] on the CPU."""
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, temperature: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """codes z: [n, D] -> pixel means [n, C, H, W] in [0, 1] on the CPU. Latent groups below the code
+        (hierarchical models) come from their priors at `temperature` (0: their means)."""
         z = torch.as_tensor(z, dtype=torch.float32)
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise VaedrawError(f"codes must have shape [n, {self.latent_dim}], got {list(z.shape)}")
-        return decode_means(self.model, z, self.check_labels(y))
+        return decode_means(self.model, z, self.check_labels(y), temperature=temperature, generator=generator)
 
     @property
     def default_sampler(self) -> str:
@@ -143,13 +149,18 @@ class Run:
         y = self.check_labels(y)
         if y is not None and len(y) != n:
             raise VaedrawError(f"got {len(y)} labels for {n} samples")
-        return self.decode(self.codes(n, sampler, seed, temperature, y), y)
+        t = self.config.sample.temperature if temperature is None else temperature
+        # the lower groups' noise from its own generator, so the codes are those `codes` gives for the seed
+        g = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+        return self.decode(self.codes(n, sampler, seed, t, y), y, temperature=t, generator=g)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """decode(mu(x)) with dropout off: [B, C, H, W] -> [B, C, H, W] pixel means."""
-        mu, _ = self.encode(x, y)
-        return self.decode(mu, y)
+        """The reconstruction at the posterior mean, dropout off (decode(mu(x)); for a hierarchy every group's
+        posterior mean): [B, C, H, W] -> [B, C, H, W] pixel means."""
+        y = self.check_labels(y)
+        x = self._check_images(x)
+        return reconstruct_means(self.model, x.float(), y)
 
     def load_split(self, split: str, data_dir: str | Path | None = None, progress: bool = True):
         """The `split` ("train" or "test") of the data this run was trained on (`data.load_recorded`:

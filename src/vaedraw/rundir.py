@@ -5,6 +5,8 @@
     command.txt            the command lines that trained it (one per start or resume)
     metrics.jsonl          one JSON object per log point: {"step", "split": "train"|"test", "loss", ...}
     checkpoint.safetensors weights, optimizer, RNG states, config, versions (checkpoint.py)
+    plan.json              how the training step runs and why: the plan's switches, its source (static table,
+                           cache, measured) and the timings behind it (autotune.py)
     pictures/step_*.png    the monitoring pictures; curves.png, progress.gif, samples.png, gmm.safetensors at the end
 
 Reading comes first and writes nothing (`inspect`, `settle_config`); `prepare` writes the files above
@@ -35,7 +37,8 @@ from .run import DATA_SOURCE_NAME, read_data_source
 # Changing these on resume is harmless: they do not change the model or the optimization.
 RESUME_FREE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.picture_every",
                     "train.checkpoint_every", "train.eval_images", "sample.gmm_components", "sample.fit_gmm",
-                    "sample.sampler", "sample.temperature", "train.compile", "train.precision"}
+                    "sample.sampler", "sample.temperature", "train.compile", "train.precision",
+                    "train.tensorboard", "train.autotune"}
 # A write to the run directory that fails with one of these is the user's to fix (space, permissions), not a bug.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -123,6 +126,14 @@ class RunDir:
         with open(out / "command.txt", "a") as f:
             f.write(shlex.join(command) + "\n")
         (out / "pictures").mkdir(exist_ok=True)
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
+
+    def write_plan(self, record: dict) -> None:
+        """plan.json: the training plan of the latest start or resume (autotune.settle's record)."""
+        ckpt_io.atomic_write_text(self.plan, json.dumps(record, indent=1, default=str) + "\n")
 
     def log(self, row: dict) -> None:
         with open(self.metrics, "a") as f:

@@ -1,6 +1,6 @@
 """Drawing from a trained model: samplers for codes, decoding to pixel means, reconstructions.
 
-Everything here sees a model through its code (models.py): `encode_means` gives the codes of images,
+Everything here sees a model through its code (models/): `encode_means` gives the codes of images,
 `decode_means` the pixel means of codes, `model.prior_codes` draws codes from the prior.
 
 Samplers (all return codes [n, D], D = model.code_dim):
@@ -24,6 +24,7 @@ from . import data as data_mod
 from . import fastpath
 from .checkpoint import atomic_write_bytes
 from .errors import CheckpointError, VaedrawError
+from .objectives import pixel_mean
 
 GMM_NAME = "gmm.safetensors"
 SAMPLERS = ("prior", "gmm")
@@ -206,20 +207,55 @@ def check_sampler(sampler: str, gmm: GaussianMixture | None) -> None:
                            "`vaedraw fit-gmm RUN_DIR` or use --sampler prior")
 
 
+def _pixel_means(model, out: torch.Tensor) -> torch.Tensor:
+    """Decoder output [n, P, H, W] -> pixel means [n, C, H, W] in [0, 1] (objectives.pixel_mean)."""
+    return pixel_mean(out.float(), model.likelihood, model.image_shape[0])
+
+
 @torch.no_grad()
 def decode_means(model, z: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 1000,
-                 precision: str = "auto") -> torch.Tensor:
-    """Pixel means sigmoid(decode(z)) in [0, 1]. z: [n, D] -> [n, C, H, W] float32 on the CPU.
+                 precision: str = "auto", temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pixel means of decode(z) in [0, 1]. z: [n, D] -> [n, C, H, W] float32 on the CPU.
 
-    precision auto decodes in bfloat16 where the device computes it natively (`fastpath.inference_autocast`);
-    batches of 1,000 keep a CPU's activations in cache (10,000 default-model digits: about 0.4 s on 2 cores).
+    A model with latent groups below the code (`model.lower_shapes`) draws them from their priors at
+    `temperature` (noise from `generator`, on the CPU); 0 takes their prior means, which is what pictures of
+    given codes use. precision auto decodes in bfloat16 where the device computes it natively
+    (`fastpath.inference_autocast`); batches of 1,000 keep a CPU's activations in cache (10,000
+    default-model digits: about 0.4 s on 2 cores).
     """
     device = next(model.parameters()).device
     out = []
     with fastpath.inference_autocast(device, precision):
         for i in range(0, len(z), batch_size):
+            zb = z[i:i + batch_size]
             yy = None if y is None else y[i:i + batch_size].to(device)
-            out.append(torch.sigmoid(model.decode(z[i:i + batch_size].to(device), yy).float()).cpu())
+            eps = None
+            if model.lower_shapes and temperature > 0:
+                eps = [(temperature * torch.randn(len(zb), *shape, generator=generator)).to(device)
+                       for shape in model.lower_shapes]
+            out.append(_pixel_means(model, model.decode(zb.to(device), yy, eps)).cpu())
+    return torch.cat(out) if out else torch.empty(0, *model.image_shape)
+
+
+@torch.no_grad()
+def reconstruct_means(model, x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 1000,
+                      precision: str = "auto") -> torch.Tensor:
+    """Pixel means of the model's reconstruction at the posterior mean (`model.reconstruct_logits`: decode(mu(x))
+    for one latent, every group's posterior mean for a hierarchy), dropout off. x: [n, C, H, W] in [0, 1]
+    -> [n, C, H, W] float32 on the CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with fastpath.inference_autocast(device, precision):
+            for i in range(0, len(x), batch_size):
+                yy = None if y is None or not model.n_classes else y[i:i + batch_size].to(device)
+                out.append(_pixel_means(model, model.reconstruct_logits(x[i:i + batch_size].to(device).float(),
+                                                                        yy)).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, *model.image_shape)
 
 

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,15 +34,17 @@ from .progress import Progress
 from . import checkpoint as ckpt_io
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import autotune
 from . import fastpath
 from . import plots
+from . import tracking
 from .config import RunConfig, build_config, steps_for_epochs, value_range
 from .errors import ConfigError, OutputError, TrainingDiverged, TrainingInterrupted, WorkerFailed
 from .evaluate import eval_inputs, heldout_loss
 from .models import build_model, count_parameters
 from .rundir import DISK_ERRNOS, RESUME_FREE_KEYS, RunDir, check_checkpoint_fits, settle_config
 from .run import load_run, resolve_device
-from .sample import GMM_NAME, decode_means, fit_gmm
+from .sample import GMM_NAME, decode_means, fit_gmm, reconstruct_means
 
 __all__ = ["Batcher", "Checkpointer", "Monitor", "RESUME_FREE_KEYS", "TrainingDiverged", "TrainingInterrupted",
            "finish_run", "learning_rate", "train"]
@@ -92,6 +94,12 @@ class Batcher:
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")  # train.lr_schedule; learning_rate reads them
 
 
+def kl_weight(step: int, cfg: RunConfig) -> float:
+    """The KL term's weight at a step: rises linearly from 0 to 1 over train.kl_warmup steps (then 1)."""
+    warmup = cfg.train.kl_warmup
+    return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+
 def learning_rate(step: int, cfg: RunConfig) -> float:
     """constant, or cosine from lr down to lr_min_ratio * lr at the last step."""
     t = cfg.train
@@ -138,8 +146,7 @@ class Monitor:
         model.eval()
         dev = next(model.parameters()).device
         y = self.y.to(dev) if model.n_classes else None
-        mu, _ = model.encode(self.x.to(dev), y)
-        rec = decode_means(model, mu, y)
+        rec = reconstruct_means(model, self.x, y)
         gen = decode_means(model, self.z, self.zy)
         model.train(was)
         return torch.cat([self.x, rec, gen])
@@ -245,6 +252,7 @@ class _Session:
     y_test: torch.Tensor
     start: int
     continue_argv: list[str]
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)  # opened by _run
 
     @property
     def dev(self) -> torch.device:
@@ -268,12 +276,23 @@ def _load_data(cfg: RunConfig, rundir: RunDir, ckpt, data_dir, progress: bool):
     """A new run: the data set the config names. A resumed run: exactly the data it recorded, or a refusal."""
     recorded = rundir.data_source() if ckpt is not None else None
     if recorded is None:  # a new run, or one saved before runs recorded their data
-        return data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress)
+        return data_mod.load_dataset(cfg.data.dataset, data_dir, progress=progress, options=cfg.data)
     if recorded["train"].get("dataset") != cfg.data.dataset:
         raise ConfigError(f"--resume: this run was trained on {recorded['train'].get('dataset')!r}, not "
                           f"{cfg.data.dataset!r}; a resumed run keeps its data: start a new run in another --out")
     return tuple(data_mod.load_recorded(recorded[split], split, data_dir, progress=progress)
                  for split in ("train", "test"))
+
+
+def _check_classes(cfg: RunConfig, train_split) -> None:
+    """A conditional model needs labels, as many classes as the data has (a ConfigError naming the fix)."""
+    k, have = cfg.model.n_classes, train_split.n_classes
+    if k and not have:
+        raise ConfigError(f"model.n_classes={k} makes a conditional model, but {train_split.name} has no labels "
+                          "(put the images in one subfolder per class, or set model.n_classes=0)")
+    if k and k != have:
+        raise ConfigError(f"model.n_classes={k}, but {train_split.name} has {have} classes: set "
+                          f"model.n_classes={have}")
 
 
 def _set_steps(cfg: RunConfig, epochs: float | None, n_train: int) -> None:
@@ -284,14 +303,21 @@ def _set_steps(cfg: RunConfig, epochs: float | None, n_train: int) -> None:
         raise ConfigError(f"train.steps={t.steps:,} is out of range {value_range('train.steps')}")
 
 
-def _build(cfg: RunConfig, ctx: dist_mod.Context, train_split, ckpt):
+def _build(cfg: RunConfig, ctx: dist_mod.Context, train_split, ckpt, tune: bool = False):
     """The model, optimizer and step for this run, the checkpoint's state loaded. Same order of random draws
-    as always (seed, then the model's initialization), so a run from a seed is reproducible."""
+    as always (seed, then the model's initialization), so a run from a seed is reproducible. `tune`: let
+    autotune.settle measure or look up the plan (it leaves the RNG and the model as they were); else the
+    static table. The plan's record (for plan.json) is `step.plan_record`."""
     dev, t = ctx.device, cfg.train
     plan = fastpath.choose_plan(t, cfg.model.arch, dev, distributed=ctx.enabled)
     torch.manual_seed(t.seed)
     noise = fastpath.Noise(ctx.rank, ctx.world)
-    model = fastpath.prepare_model(build_model(cfg.model, train_split.shape).to(dev), plan, noise)
+    model = build_model(cfg.model, train_split.shape).to(dev)
+    record = {"plan": {k: getattr(plan, k) for k in autotune.SWITCHES}, "source": "static"}
+    if tune:
+        remaining = t.steps - (ckpt.step if ckpt is not None else 0)
+        plan, record = autotune.settle(plan, model, cfg, ctx, train_split, remaining)
+    model = fastpath.prepare_model(model, plan, noise)
     opt = fastpath.make_optimizer(model, cfg, dev, plan)
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
@@ -299,7 +325,9 @@ def _build(cfg: RunConfig, ctx: dist_mod.Context, train_split, ckpt):
         opt.load_state_dict(ckpt.optim_state)
         fastpath.restore_optimizer_flags(opt, fresh)
         _set_rng_state(ckpt.rng, dev)
-    return model, opt, fastpath.FastStep(model, opt, cfg, plan, noise, ddp=ctx.enabled), plan
+    step = fastpath.FastStep(model, opt, cfg, plan, noise, ddp=ctx.enabled)
+    step.plan_record = {**record, "description": plan.describe()}
+    return model, opt, step, plan
 
 
 def _continue_argv(out: Path, opts: dict, ctx: dist_mod.Context) -> list[str]:
@@ -315,15 +343,18 @@ def _set_up(cfg, out: Path, ctx, rundir: RunDir, opts: dict) -> _Session:
     if ctx.is_main:
         rundir.lock()
     cfg, ckpt = _settle(rundir, cfg, opts["changes"], opts["resume"], opts["keep"])
+    if cfg.train.tensorboard:
+        tracking.require_tensorboard()  # before any data is loaded or file written
     train_split, test_split = _load_data(cfg, rundir, ckpt, opts["data_dir"], opts["progress"] and ctx.is_main)
     cfg.data.subset = bool(train_split.provenance.get("subset"))  # config.json says when it is the bundled subset
+    _check_classes(cfg, train_split)
     if ckpt is not None:
         check_checkpoint_fits(ckpt, train_split.shape, rundir.checkpoint)
     _set_steps(cfg, opts["epochs"], len(train_split))
     dev, t = ctx.device, cfg.train
     batcher = Batcher(train_split.images.to(dev), train_split.labels.to(dev), t.batch_size, t.seed, ctx.rank,
                       ctx.world)
-    model, opt, step_fn, plan = _build(cfg, ctx, train_split, ckpt)
+    model, opt, step_fn, plan = _build(cfg, ctx, train_split, ckpt, tune=True)
     n_eval = min(cfg.train.eval_images, len(test_split))
     return _Session(
         cfg=cfg, ctx=ctx, rundir=rundir, ckpt=ckpt, train_split=train_split, test_split=test_split, model=model,
@@ -384,6 +415,16 @@ def _run(s: _Session, argv: list[str] | None, progress: bool) -> None:
               f"{s.train_split.name} ({len(s.train_split):,} images), device {s.dev}{procs}, "
               f"steps {s.start}->{cfg.train.steps}{done}", file=sys.stderr)
         fastpath.announce(s.plan, s.dev)
+        s.rundir.write_plan(s.step_fn.plan_record)
+        s.tracker = tracking.open_tracker(cfg, s.rundir.path, main, s.start if s.ckpt is not None else None)
+    try:
+        _run_and_finish(s, progress)
+    finally:
+        s.tracker.close()
+
+
+def _run_and_finish(s: _Session, progress: bool) -> None:
+    cfg, main = s.cfg, s.ctx.is_main
     step = _loop(s, Progress(cfg.train.steps, "training", "steps", initial=s.start, enabled=progress and main))
     # No barrier after this: rank 0's mixture fit can outlast a collective's timeout, and torchrun waits for
     # every process anyway.
@@ -391,6 +432,7 @@ def _run(s: _Session, argv: list[str] | None, progress: bool) -> None:
         with _signals(immediate=True):
             try:
                 finish_run(s.rundir.path, s.model, cfg, s.train_split, s.dev)
+                s.tracker.finish(cfg, s.rundir.path)
             except _Stopped as stop:
                 raise TrainingInterrupted(
                     f"stopped while finishing the run (training is complete and saved at step {step}); finish it "
@@ -426,7 +468,7 @@ def _loop(s: _Session, bar: Progress) -> int:
         try:
             while step < t.steps:
                 x, y = s.batcher.batch(step)
-                window.add(s.step_fn(x, y, learning_rate(step, s.cfg)))
+                window.add(s.step_fn(x, y, learning_rate(step, s.cfg), kl_weight(step, s.cfg)))
                 step += 1
                 bar.update(1)
                 at_log = step % t.log_every == 0 or step == t.steps
@@ -459,6 +501,7 @@ def _log_train(s: _Session, step: int, window: _Window, saver: Checkpointer, bar
            "lr": learning_rate(step - 1, s.cfg), "images_per_s": ips}
     if s.ctx.is_main:
         s.rundir.log(row)
+        s.tracker.log(row)
         bar.set_stats(f", loss {loss:.2f} (recon {recon:.2f}, kl {kl:.2f}), {ips:.0f} images/s",
                       loss=f"{loss:.2f}", recon=f"{recon:.2f}", kl=f"{kl:.2f}", img_s=f"{ips:.0f}")
     window.reset()
@@ -474,9 +517,12 @@ def _periodic(s: _Session, step: int, metrics: dict, window: _Window, saver: Che
         ev = heldout_loss(s.model, s.x_test, s.y_test)
         metrics["test"] = row = {"step": step, "split": "test", **ev}
         s.rundir.log(row)
+        s.tracker.log(row)
         bar.write(f"step {step}: test loss {ev['loss']:.3f} (recon {ev['recon']:.3f}, kl {ev['kl']:.3f})")
     if step % t.picture_every == 0 or last:
-        plots.save_grid(monitor.picture(s.model), s.rundir.path / "pictures" / f"step_{step:07d}.png", nrow=N_FIXED)
+        picture = monitor.picture(s.model)
+        plots.save_grid(picture, s.rundir.path / "pictures" / f"step_{step:07d}.png", nrow=N_FIXED)
+        s.tracker.picture(step, picture, N_FIXED)
     if step % t.checkpoint_every == 0 or last:
         saver.save(step, metrics, window.sums)
 

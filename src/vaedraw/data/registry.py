@@ -2,8 +2,10 @@
 
 A data set is a `DatasetSpec`: its name, image shape (C, H, W), class count (0 = unlabelled), a
 loader `loader(split, data_dir, *, download, progress) -> Split` and the pixel model that suits it
-(the default likelihood and binarization). `DATASETS` maps names to specs; adding a data set is one
-file with a loader plus one `register(...)` line below. Every loaded `Split` carries its shape, classes
+(the default likelihood and binarization). The user's own images (`folder`, `array`) have neither
+shape nor class count until they are loaded; their loaders take the conversion `options` too.
+`DATASETS` maps names to specs; adding a data set is one file with a loader plus one `register(...)`
+line below. Every loaded `Split` carries its shape, classes
 and provenance, so a run can record what it was trained on and every later command can insist on the
 same data (`load_recorded`) and refuse to score a run on its own training images (`overlaps`).
 """
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from vaedraw.data import arrays, images, mnist, own
 from vaedraw.data import download as dl
-from vaedraw.data import mnist
 from vaedraw.data.spec import SOURCES, SPLITS, DatasetSpec, Split
 from vaedraw.errors import DataError
 
@@ -35,19 +37,30 @@ register(DatasetSpec("mnist", mnist.SHAPE, mnist.N_CLASSES, functools.partial(mn
 register(DatasetSpec("fashion-mnist", mnist.SHAPE, mnist.N_CLASSES,
                      functools.partial(mnist.load_mnist_format, "fashion-mnist"), reload=mnist.reload,
                      description="Zalando's clothing images in MNIST's format, 60,000 + 10,000"))
+# The user's own images: 8-bit pixels, modelled as they are (a discretized logistic mixture, no binarization).
+register(DatasetSpec("folder", None, None, images.load_folder, own_data=True, likelihood="logistic_mixture",
+                     binarize="none",
+                     description="a folder of images, --data-dir DIR (class subfolders, optional train/ and test/)"))
+register(DatasetSpec("array", None, None, arrays.load_array, own_data=True, likelihood="logistic_mixture",
+                     binarize="none",
+                     description="uint8 images in an .npz or .npy file, --data-dir FILE"))
 
 
 # ------------------------------------------------------------------------------------------ loading
 def _check_names(dataset: str, split: str) -> None:
     if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
+        ready = [n for n, s in DATASETS.items() if not s.own_data]
+        yours = [n for n, s in DATASETS.items() if s.own_data]
+        raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(ready)}"
+                        + (f"; or, for your own images, {' or '.join(yours)} with --data-dir." if yours else "."))
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}.")
 
 
 def _check_split(spec: DatasetSpec, got: Split) -> Split:
-    """A loader's result must match its spec: a mismatch is the loader's data, named, not a shape error later."""
-    c, h, w = spec.shape
+    """A loader's result must match its spec (or, for data shaped by their files, its own Split.shape):
+    a mismatch is the loader's data, named, not a shape error later."""
+    c, h, w = spec.shape if spec.shape is not None else got.shape
     want = (h, w) if c == 1 else (h, w, c)
     if got.images.dtype != torch.uint8 or tuple(got.images.shape[1:]) != want:
         raise DataError(f"{got.name}: images are {got.images.dtype} {tuple(got.images.shape[1:])}, "
@@ -59,21 +72,30 @@ def _check_split(spec: DatasetSpec, got: Split) -> Split:
 
 
 def load_split(
-    dataset: str, split: str, data_dir: str | Path | None = None, *, download: bool = True, progress: bool = True
+    dataset: str, split: str, data_dir: str | Path | None = None, *, download: bool = True, progress: bool = True,
+    options: object = None,
 ) -> Split:
-    """Load one split of a registered data set (MNIST: images uint8 [60,000 or 10,000, 28, 28], labels int64)."""
+    """Load one split of a registered data set (MNIST: images uint8 [60,000 or 10,000, 28, 28], labels int64).
+
+    `options`: how the user's own images are converted (a DataConfig, a dict or `pixels.Options`:
+    image_size, channels; None = their own size and channels); the built-in data sets ignore it."""
     _check_names(dataset, split)
     spec = DATASETS[dataset]
-    return _check_split(spec, spec.loader(split, data_dir, download=download, progress=progress))
+    if spec.own_data:
+        got = spec.loader(split, data_dir, download=download, progress=progress, options=options)
+    else:
+        got = spec.loader(split, data_dir, download=download, progress=progress)
+    return _check_split(spec, got)
 
 
 def load_dataset(
-    dataset: str, data_dir: str | Path | None = None, *, download: bool = True, progress: bool = True
+    dataset: str, data_dir: str | Path | None = None, *, download: bool = True, progress: bool = True,
+    options: object = None,
 ) -> tuple[Split, Split]:
     """Load (train, test). Both come from the same source: the subset's test digits are official
     training images, so a full train split paired with the subset's test split would leak."""
-    train = load_split(dataset, "train", data_dir, download=download, progress=progress)
-    test = load_split(dataset, "test", data_dir, download=download, progress=progress)
+    train = load_split(dataset, "train", data_dir, download=download, progress=progress, options=options)
+    test = load_split(dataset, "test", data_dir, download=download, progress=progress, options=options)
     if train.provenance.get("subset") != test.provenance.get("subset"):
         train, test = mnist._bundled_split("train"), mnist._bundled_split("test")
     return train, test
@@ -81,6 +103,8 @@ def load_dataset(
 
 # --------------------------------------------------------------------------------------- provenance
 def _describe(prov: dict) -> str:
+    if prov["source"] == "array" or DATASETS[prov["dataset"]].own_data:
+        return own.describe(prov)
     what = "the bundled MNIST subset" if prov.get("subset") else f"the {prov['dataset']} files"
     where = {"folder": f" in {prov.get('path')}", "cache": f" in the cache {prov.get('path')}",
              "download": f" downloaded into the cache {prov.get('path')}", "system": f" in {prov.get('path')}",
@@ -121,8 +145,12 @@ def load_recorded(provenance: dict, split: str, data_dir: str | Path | None = No
     `provenance` is the `Split.provenance` the run recorded. With `data_dir`, the split is read from
     that folder and must have the recorded checksums; without it, from where the run found it (the
     same folder, the cache or the mirrors, the bundled subset), then from $VAEDRAW_DATA_DIR if set.
+    The user's own images are read from the recorded path (or `data_dir`) with the recorded conversion
+    and must decode to the recorded digest.
     """
     prov = _valid_provenance(provenance, split)
+    if DATASETS[prov["dataset"]].own_data:  # read again from its path, known by the digest of its pixels
+        return own.load_recorded(prov, split, data_dir, progress, load_split)
     needs = f"this run was trained on {_describe(prov)}"
     hint = f"; pass --data-dir {prov['path']}" if prov["source"] == "folder" else \
         "; pass --data-dir DIR with those files"
@@ -170,4 +198,7 @@ def overlaps(train_prov: dict, eval_prov: dict) -> bool:
 def _reset_state() -> None:
     """Forget everything this process learned (memo, hashes, dead hosts, notes); for tests."""
     mnist._reset_state()
+    images._reset_state()
+    arrays._reset_state()
+    own._reset_state()
     dl._dead_hosts.clear()

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 SPLITS: tuple[str, ...] = ("train", "test")
-SOURCES: tuple[str, ...] = ("folder", "cache", "download", "bundled", "system", "generated")
+# "folder": a --data-dir folder (IDX files, or the images of --dataset folder); "array": --dataset array's file.
+SOURCES: tuple[str, ...] = ("folder", "cache", "download", "bundled", "system", "generated", "array")
 # How pixels become training targets: dynamic (x ~ Bernoulli(pixel), resampled every batch) | none (as they are).
 BINARIZE: tuple[str, ...] = ("dynamic", "none")
 
@@ -21,6 +22,8 @@ class Split:
 
     `provenance` = {"dataset", "split", "source" (one of SOURCES), "path" (the folder, or None),
     "files" ({file name: md5 of the file as stored}), "subset" (True for the bundled MNIST subset)}.
+    The user's own data (own.py) record {"pixels": sha256 of the decoded images and labels} as "files",
+    and also "options" (the conversion), "shape", "n_classes", "n_images", "classes", "layout", "pillow".
     """
 
     images: torch.Tensor  # uint8 [N, H, W] (grey) or [N, H, W, C] (colour), CPU
@@ -39,11 +42,16 @@ Loader = Callable[..., Split]  # loader(split, data_dir, *, download: bool, prog
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A data set the library can train on: what its images are and how to get them."""
+    """A data set the library can train on: what its images are and how to get them.
+
+    `shape` and `n_classes` are None for data known only once loaded (the user's own images, `own_data`):
+    the loaded Split says them. Such a loader also takes `options` (`pixels.Options`: data.image_size,
+    data.channels) and needs `data_dir`, the folder or file the user names.
+    """
 
     name: str
-    shape: tuple[int, int, int]  # (C, H, W)
-    n_classes: int  # 0 = unlabelled
+    shape: tuple[int, int, int] | None  # (C, H, W); None: from the data (Split.shape)
+    n_classes: int | None  # 0 = unlabelled; None: from the data (Split.n_classes)
     loader: Loader
     likelihood: str = "bernoulli"  # the decoder's default pixel model for this data
     binarize: str = "dynamic"  # dynamic (x ~ Bernoulli(pixel) per batch, for MNIST-like data) | none
@@ -51,6 +59,7 @@ class DatasetSpec:
     # reload(provenance, split, progress) -> Split, or a reason it cannot: the split from where a run found it.
     # None: the loader is called again (data that is generated, or found in one place only).
     reload: Callable[[dict, str, bool], Split | str] | None = None
+    own_data: bool = False  # the user's files named by --data-dir, converted by `options`, reloaded by digest
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
