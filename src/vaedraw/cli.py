@@ -269,7 +269,8 @@ def add_sample(sub) -> None:
     p.add_argument("-n", type=_between(1, MAX_SAMPLES, "one grid picture; draw more with other --seed values"),
                    default=64, help=f"how many images, at most {MAX_SAMPLES:,}")
     p.add_argument("--out", default="samples.png", help="grid picture (.png)")
-    p.add_argument("--npz", help="also write x: uint8 [n, H, W] = round(255 * pixel mean) to this .npz")
+    p.add_argument("--npz", help="also write x: uint8 [n, H, W] (grey) or [n, H, W, 3] (colour) = "
+                   "round(255 * pixel mean) to this .npz")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the codes drawn")
     p.add_argument("--sampler", choices=choices("sample.sampler"),
                    help="where codes come from (default: the run's preset's best)")
@@ -302,7 +303,8 @@ def cmd_sample(args) -> int:
     write_outputs(todo)
     print(f"vaedraw: {args.n} samples ({args.sampler or run.default_sampler} sampler) -> {show(out)}")
     if npz is not None:
-        print(f"vaedraw: uint8 array x {(args.n, *x.shape[2:])} -> {show(npz)}")
+        c, h, w = x.shape[1:]
+        print(f"vaedraw: uint8 array x {(args.n, h, w) if c == 1 else (args.n, h, w, c)} -> {show(npz)}")
     return 0
 
 
@@ -439,6 +441,67 @@ def _save_eval(run_dir: Path, result: dict) -> None:
         reason = (e.strerror or e) if isinstance(e, OSError) else e
         print(f"vaedraw: warning: {show(eval_path(run_dir))} not saved ({reason}); `vaedraw report` reads it, so "
               "keep the figures with --json", file=sys.stderr)
+
+
+def add_train_evaluator(sub) -> None:
+    from .data import DATASETS
+    from .evaluator import RECIPE
+
+    p = sub.add_parser("train-evaluator", help="train the classifier that judges a data set's generated images "
+                       "(the sample-quality figures of `vaedraw eval`)")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                   help="train on the data this run recorded (else name it with --dataset and --data-dir)")
+    p.add_argument("--dataset", help=" | ".join(DATASETS) + " (default: mnist)")
+    p.add_argument("--data-dir", help="folder: a folder of images (class subfolders); array: an .npz file with labels; "
+                   "mnist/fashion-mnist: the four IDX files (docs/DATA.md)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="data.image_size=N or data.channels=C: how your own images are converted, as given to "
+                        "`vaedraw train` (repeatable)")
+    p.add_argument("--epochs", type=_between(1, 1000, "passes over the training split"), default=RECIPE["epochs"],
+                   help="passes over the training split")
+    p.add_argument("--batch-size", type=_positive_int, default=RECIPE["batch_size"], help="images per step")
+    p.add_argument("--lr", type=_positive_float, default=RECIPE["lr"], help="Adam learning rate (cosine decay)")
+    p.add_argument("--seed", type=_seed, default=RECIPE["seed"], help="seed of weights, batches and shifts")
+    p.add_argument("--out", help="weights file (.safetensors; default: the cache, where `vaedraw eval` looks)")
+    p.add_argument("--no-progress", action="store_true", help="no line per epoch")
+    p.set_defaults(func=cmd_train_evaluator)
+
+
+def cmd_train_evaluator(args) -> int:
+    from .data import Options
+    from .evaluator import load_training_data, train_evaluator, weights_path
+    from .run import read_data_source
+
+    if args.run_dir is not None and args.dataset is not None:
+        raise VaedrawError("give RUN_DIR or --dataset, not both")
+    options = {}
+    for key, value in parse_set(args.set).items():
+        if key not in ("data.image_size", "data.channels"):
+            raise VaedrawError(f"--set {key}: train-evaluator takes data.image_size and data.channels only")
+        if args.run_dir is not None:
+            raise VaedrawError(f"--set {key}: a run's images are converted as it recorded; omit --set")
+        try:
+            options[key.removeprefix("data.")] = int(value)
+        except ValueError:
+            raise VaedrawError(f"--set {key}={value}: expected a whole number") from None
+    out = check_output(args.out, (".safetensors",), "--out") if args.out else None
+    source = None
+    if args.run_dir is not None:
+        if not Path(args.run_dir).is_dir():
+            raise VaedrawError(f"run directory {args.run_dir} does not exist")
+        source = read_data_source(Path(args.run_dir))
+    dataset = args.dataset or (source["train"].get("dataset") if source else None) or "mnist"
+    if out is None and weights_path(dataset).is_file():
+        raise VaedrawError(f"vaedraw ships an evaluator for {dataset} ({weights_path(dataset).name}), which "
+                           "`vaedraw eval` uses; pass --out FILE to train another one")
+    train, test = load_training_data(args.run_dir, dataset, args.data_dir, Options.of(options),
+                                     progress=not args.no_progress)
+    meta = train_evaluator(train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           out=out, progress=not args.no_progress)
+    c, h, w = meta["shape"]
+    print(f"vaedraw: evaluator for {dataset} ({meta['n_classes']} classes, {c}x{h}x{w}, {meta['epochs']} epochs): "
+          f"test accuracy {meta['test_accuracy']:.4f} on {meta['test_images']:,} images -> {show(meta['out'])}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- report
@@ -712,8 +775,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm, add_eval, add_interpolate, add_latent_map,
-            add_manifold, add_serve, add_export, add_report]
+COMMANDS = [add_train, add_sample, add_reconstruct, add_fit_gmm, add_eval, add_train_evaluator, add_interpolate,
+            add_latent_map, add_manifold, add_serve, add_export, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

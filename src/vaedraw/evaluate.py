@@ -410,6 +410,7 @@ def evaluate_run(run, *, split: str = "test", iwae_k: int = 1000, n_samples: int
     binarized = lik == "bernoulli"
     protocol = (f"{part.name}, first {n:,} images, "
                 + (f"binarized once x ~ Bernoulli(pixel) with fixed seed {EVAL_SEED}" if binarized
+                   else "8-bit pixels as stored, k/255" if lik == "logistic_mixture"
                    else "grayscale pixels in [0, 1]"))
     comparable, reason = _comparability(run, split, part, lik)
     train_source = None if run.data_source is None else run.data_source.get("train")
@@ -497,7 +498,9 @@ def quality_figures(run, *, n_samples: int = 10000, sampler: str | None = None, 
     dataset = run.config.data.dataset
     sampler = sampler or run.default_sampler
     try:
-        evaluator = load_evaluator(dataset, device=run.device)
+        # the run's recorded training data: the user's own images are matched to an evaluator by their digest
+        evaluator = load_evaluator(dataset, device=run.device,
+                                   provenance=None if run.data_source is None else run.data_source.get("train"))
     except VaedrawError as e:
         return {"quality_available": False, "evaluator_accuracy": None, "fd_floor": None, "samples": None,
                 "reconstructions": None, "quality_note": f"sample-quality figures unavailable: {e}"}

@@ -38,8 +38,8 @@ from .conv import ConvVAE
 from .hierarchical import HierarchicalVAE
 from .seed import SEED_IMAGE_SHAPE, HWCFlatten, SameCrop, SamePad, SeedVAE
 
-__all__ = ["ARCHS", "MAX_IMAGE_SIDE", "SEED_IMAGE_SHAPE", "VAE", "ConvVAE", "HWCFlatten", "HierarchicalVAE", "SameCrop", "SamePad",
-           "SeedVAE", "build_model", "check_image_shape", "count_parameters", "reparameterize"]
+__all__ = ["ARCHS", "MAX_IMAGE_SIDE", "SEED_IMAGE_SHAPE", "VAE", "ConvVAE", "HWCFlatten", "HierarchicalVAE",
+           "SameCrop", "SamePad", "SeedVAE", "build_model", "check_image_shape", "count_parameters", "reparameterize"]
 
 ARCHS: dict[str, type[VAE]] = {"seed": SeedVAE, "conv": ConvVAE, "hierarchical": HierarchicalVAE}
 

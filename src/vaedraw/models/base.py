@@ -56,7 +56,8 @@ class VAE(nn.Module):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, eps: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None,
+               eps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Decoder output [B, C', H, W] from codes z [B, D]. `eps` is the noise of latent groups below the code
         (one [B, *shape] per entry of `lower_shapes`, already times a temperature; None = their prior means);
         a model with one latent has none and ignores it."""
