@@ -36,6 +36,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..objectives import decoder_channels, kl_normal, log_normal, log_px, reconstruction_loss
 from .base import VAE, check_image_shape, per_sample_noise
+from .seed import SEED_IMAGE_SHAPE
 
 LOGVAR_LIMIT = 8.0  # |log sigma^2| at most this: sigma in [0.018, 55]
 
@@ -94,7 +95,7 @@ class HierarchicalVAE(VAE):
     is D, the code's size. A conditional model adds the one-hot label to the encoder's top dense layer and to
     z_0 where it enters the top-down path."""
 
-    def __init__(self, cfg: ModelConfig, image_shape=(1, 28, 28)):
+    def __init__(self, cfg: ModelConfig, image_shape=SEED_IMAGE_SHAPE):
         super().__init__()
         n_channels, height, width = check_image_shape(image_shape)
         if height % 4 or width % 4:
@@ -153,7 +154,7 @@ class HierarchicalVAE(VAE):
         return self.from_code(z0).view(-1, self._c_lo, *self._lo)
 
     def _groups(self):
-        """(group, resolution index) top to bottom, with the upsampling between the resolutions."""
+        """(group, resolution index: 0 for H/4, 1 for H/2), top to bottom."""
         yield from ((g, 0) for g in self.groups_lo)
         yield from ((g, 1) for g in self.groups_hi)
 
