@@ -696,3 +696,18 @@ def test_colour_idx_files_parse_but_are_not_mnist(tmp_path: Path) -> None:
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4)))
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: holds colour images \(magic 0x804\)"):
         data.load_split("mnist", "test", tmp_path)
+
+
+def test_a_conditional_model_needs_the_data_sets_classes(registry_restored: None, tmp_path) -> None:
+    import toy_dataset
+
+    from vaedraw.config import build_config
+    from vaedraw.errors import ConfigError
+    from vaedraw.train import train
+
+    data.register(toy_dataset.SPEC)  # 4 classes
+    sets = {"data.dataset": "toy-squares", "train.steps": 1, "sample.fit_gmm": False}
+    with pytest.raises(ConfigError, match=r"model\.n_classes=10, but toy-squares/train has 4 classes: set "
+                                          r"model\.n_classes=4"):
+        train(build_config("conditional", overrides=sets), tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
