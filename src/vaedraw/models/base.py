@@ -41,6 +41,16 @@ def check_image_shape(shape) -> tuple[int, int, int]:
     return c, h, w
 
 
+def check_halvable(shape, arch: str) -> tuple[int, int, int]:
+    """`check_image_shape`, and sides that two stride-2 layers halve exactly (multiples of 4), or a ConfigError
+    naming the architecture."""
+    n_channels, height, width = check_image_shape(shape)
+    if height % 4 or width % 4:
+        raise ConfigError(f"model.arch={arch} halves the image twice: height and width must be multiples of 4, "
+                          f"got {height}x{width}")
+    return n_channels, height, width
+
+
 class VAE(nn.Module):
     """One diagonal-Gaussian latent z with a standard normal prior; subclasses give encode and decode."""
 

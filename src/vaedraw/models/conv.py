@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError
 from ..objectives import decoder_channels
-from .base import VAE, check_image_shape
+from .base import VAE, check_halvable
 from .seed import SEED_IMAGE_SHAPE
 
 class ConvVAE(VAE):
@@ -24,10 +23,7 @@ class ConvVAE(VAE):
 
     def __init__(self, cfg: ModelConfig, image_shape=SEED_IMAGE_SHAPE):
         super().__init__()
-        n_channels, height, width = check_image_shape(image_shape)
-        if height % 4 or width % 4:
-            raise ConfigError(f"model.arch=conv halves the image twice: height and width must be multiples of 4, "
-                              f"got {height}x{width}")
+        n_channels, height, width = check_halvable(image_shape, "conv")
         self.image_shape, self.likelihood = (n_channels, height, width), cfg.likelihood
         self.latent_dim, self.n_classes = cfg.latent_dim, cfg.n_classes
         c, h, k = cfg.conv.channels, cfg.conv.hidden, cfg.n_classes

@@ -35,7 +35,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..objectives import decoder_channels, kl_normal, log_normal, log_px, reconstruction_loss
-from .base import VAE, check_image_shape, per_sample_noise
+from .base import VAE, check_halvable, per_sample_noise
 from .seed import SEED_IMAGE_SHAPE
 
 LOGVAR_LIMIT = 8.0  # |log sigma^2| at most this: sigma in [0.018, 55]
@@ -97,10 +97,7 @@ class HierarchicalVAE(VAE):
 
     def __init__(self, cfg: ModelConfig, image_shape=SEED_IMAGE_SHAPE):
         super().__init__()
-        n_channels, height, width = check_image_shape(image_shape)
-        if height % 4 or width % 4:
-            raise ConfigError(f"model.arch=hierarchical halves the image twice: height and width must be multiples "
-                              f"of 4, got {height}x{width}")
+        n_channels, height, width = check_halvable(image_shape, "hierarchical")
         if cfg.likelihood == "gaussian":
             raise ConfigError("model.arch=hierarchical models binarized pixels (likelihood bernoulli) or 8-bit ones "
                               "(logistic_mixture); the gaussian squared error is the article's: use model.arch=seed "
