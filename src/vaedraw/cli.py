@@ -57,11 +57,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(errors.EXIT_USAGE, f"{self.prog}: error: {show(message)} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, expected: str = "a whole number") -> int:
+    """int(text), or the argparse error every whole-number option gives."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _whole(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
@@ -79,10 +84,7 @@ def _positive_float(text: str) -> float:
 
 def _seed(text: str) -> int:
     """A random seed: a whole number 0 .. 2^64 - 1 (what a torch generator takes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole(text)
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2^64 - 1, got {text}")
     return value
@@ -109,10 +111,7 @@ def _device(text: str) -> str:
 
 def _class_index(text: str) -> int:
     """A class label (digit) as a whole number >= 0; the run says how many classes it has."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a class number such as 3, got {text!r}") from None
+    value = _whole(text, "a class number such as 3")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a class number 0 or more, got {value}")
     return value
@@ -547,10 +546,7 @@ MAX_MAP_POINTS = 100_000  # codes on one latent map: t-SNE on more takes hours, 
 def _between(lo: int, hi: int, why: str):
     """A whole number in lo..hi (an argparse type), so a size is refused before any loading."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        value = _whole(text)
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"must be from {lo:,} to {hi:,} ({why}), got {value:,}")
         return value
