@@ -65,6 +65,7 @@ def main() -> int:
     p.add_argument("--n-images", type=int, help="test images (default: all)")
     p.add_argument("--n-samples", type=int, default=10000)
     p.add_argument("--temperature", type=float, help="sampling temperature for the quality figures")
+    p.add_argument("--sampler", help="sampler for the quality figures (prior when the run fits no mixture)")
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -107,6 +108,7 @@ def main() -> int:
         args += ["--n-images", str(a.n_images)] if a.n_images else []
         args += ["--data-dir", a.data_dir] if a.data_dir else []
         args += ["--temperature", str(a.temperature)] if a.temperature is not None else []
+        args += ["--sampler", a.sampler] if a.sampler else []
         wall = vaedraw(*args, log=log)
         r = json.loads(path.read_text())
         row = {"k": k, "iwae": r["iwae"], "elbo": r["elbo"], "n_images": r["n_images"], "eval_wall_s": wall,

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     y = part.labels[:args.n_images].to(run.device) if run.conditional else None
     print(f"{machine(run.device)}; run {args.run_dir} (preset {run.config.preset}, step {run.step:,}); "
           f"first {len(x):,} test images, k={args.k:,}")
-    default_decodes = evaluate.MAX_DECODES * (4 if run.device.type == "cuda" else 1)
+    default_decodes = evaluate.decode_batch(run.model, x, y, args.k)
     evaluate.iwae(run.model, x[:2], y if y is None else y[:2], 50, precision="auto")  # warm the kernels
     results = {}
     for precision in ("fp32", "auto"):

@@ -29,7 +29,7 @@ import torch
 
 from . import data as data_mod
 from .errors import VaedrawError
-from .fastpath import inference_autocast
+from .fastpath import inference_autocast, keep_freed_memory, use_fixed_shape_kernels
 from .objectives import iwae_bound
 from .progress import Progress
 from .sample import check_sampler
@@ -37,7 +37,10 @@ from .sample import check_sampler
 EVAL_SEED = 12345  # the fixed seed of the test binarization and of evaluation noise
 RECOGNIZED = 0.9  # a digit is recognizable when the evaluator gives its top class at least this probability
 REFERENCE_IMAGES = 10_000  # real images on each side of a Frechet distance
-MAX_DECODES = 8192  # images decoded per batched call in the IWAE estimate (bounds memory)
+MAX_DECODES = 8192  # images decoded per batched call in the IWAE estimate on a CPU (bounds memory)
+# On CUDA the batch is sized to the GPU's free memory (`decode_batch`), up to this: the noise is drawn one
+# call per importance sample, so images per batch, not samples, set how many kernel launches the pass takes
+MAX_CUDA_DECODES = 1 << 20
 MAX_IWAE_K = 100_000  # importance samples per image: beyond this one evaluation runs for days
 MAX_SAMPLES = 1_000_000  # generated images for the quality figures: beyond this they do not fit in memory
 FD_BOOTSTRAP = 20  # bootstrap resamples of the generated features behind the FD interval (0: no interval)
@@ -147,9 +150,16 @@ def iwae(model, x: torch.Tensor, y: torch.Tensor | None, k: int, seed: int = EVA
     (`fastpath.inference_autocast`; on a CPU also in channels-last layout); the log densities themselves
     (log p(x|z) from the logits, log q, log p(z)) stay float32. On the default model the bound moves by
     less than 0.05 nats per image against fp32 (docs/SPEED.md).
+
+    On a CPU glibc is told to keep freed memory in the process (`fastpath.keep_freed_memory`): every batched
+    decode allocates activations of ~100 MB, which would otherwise be returned to the OS and page-faulted
+    back in, and that first touch cost as much as the arithmetic (docs/SPEED.md).
     """
     if precision not in IWAE_PRECISIONS:
         raise VaedrawError(f"precision must be one of {', '.join(IWAE_PRECISIONS)}, got {precision!r}")
+    if x.device.type == "cpu":
+        keep_freed_memory()
+    use_fixed_shape_kernels(x.device)
     was_training = model.training
     model.eval()
     net = _iwae_network(model, x.device, precision)
@@ -169,6 +179,37 @@ def iwae(model, x: torch.Tensor, y: torch.Tensor | None, k: int, seed: int = EVA
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def decode_batch(model, x: torch.Tensor, y: torch.Tensor | None, k: int, precision: str = "auto") -> int:
+    """Decodes per batched call of the IWAE pass: MAX_DECODES on a CPU; on CUDA as many as 40% of the free
+    memory holds (the bytes per decode measured on a probe of 1,024 samples of one image), a power of two
+    between MAX_DECODES and MAX_CUDA_DECODES."""
+    device = x.device
+    if device.type != "cuda" or k < 2:
+        return MAX_DECODES
+    probe = 1024
+    was_training = model.training
+    model.eval()
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.inference_mode(), inference_autocast(device, precision):
+            g = torch.Generator(device=device).manual_seed(0)
+            model.log_weights(x[:1], None if y is None or not model.n_classes else y[:1], probe, generator=g,
+                              chunk=probe)
+        per_decode = max(1, torch.cuda.max_memory_allocated(device) - base) / probe
+        free, _ = torch.cuda.mem_get_info(device)
+    except RuntimeError:  # the probe itself did not fit, or no memory statistics: the CPU's size
+        return MAX_DECODES
+    finally:
+        model.train(was_training)
+    fits = int(0.4 * free / per_decode)
+    n = MAX_DECODES
+    while n * 2 <= min(fits, MAX_CUDA_DECODES):
+        n *= 2
+    return n
 
 
 # ----------------------------------------------------------------------------- latent usage
@@ -453,7 +494,7 @@ def _likelihoods(run, images: torch.Tensor, labels: torch.Tensor, iwae_k: int, s
         res = dict(elbo=-ev["loss"], recon=ev["recon"], kl=ev["kl"], objective=None)
     t0 = time.perf_counter()
     # A GPU holds far more decodes per call than the CPU's caches like.
-    max_decodes = MAX_DECODES * (4 if dev.type == "cuda" else 1)
+    max_decodes = decode_batch(model, x, y, iwae_k, precision)
     bar = Progress(len(x), f"IWAE bound, k={iwae_k:,}", "images", enabled=progress, label="vaedraw eval")
     try:
         lk = iwae(model, x, y, iwae_k, seed=EVAL_SEED + seed, max_decodes=max_decodes,

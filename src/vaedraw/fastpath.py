@@ -136,6 +136,14 @@ def choose_plan(train_cfg, arch: str, device: torch.device, distributed: bool = 
     return Plan(reason=reason, **row)
 
 
+def use_fixed_shape_kernels(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest
+    (cudnn.benchmark): training and the IWAE pass run the same few shapes thousands of times. Float32
+    matmuls stay float32 (no TF32): the fp32 plan is the reference the others are checked against."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in this process (Linux; elsewhere nothing happens).
 

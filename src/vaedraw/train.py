@@ -309,6 +309,7 @@ def _build(cfg: RunConfig, ctx: dist_mod.Context, train_split, ckpt, tune: bool 
     autotune.settle measure or look up the plan (it leaves the RNG and the model as they were); else the
     static table. The plan's record (for plan.json) is `step.plan_record`."""
     dev, t = ctx.device, cfg.train
+    fastpath.use_fixed_shape_kernels(dev)
     plan = fastpath.choose_plan(t, cfg.model.arch, dev, distributed=ctx.enabled)
     torch.manual_seed(t.seed)
     noise = fastpath.Noise(ctx.rank, ctx.world)
