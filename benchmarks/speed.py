@@ -165,7 +165,7 @@ def worker(name: str, variant: str, device: torch.device, steps: int, data_dir, 
     return 0
 
 
-def time_isolated(name: str, variants: list[str], args) -> tuple[dict, dict, dict, dict]:
+def time_isolated(name: str, variants: list[str], args) -> tuple[dict, dict, dict, dict, dict]:
     """Every variant in its own worker process, timed in alternating rounds (one worker runs at a time).
     -> ({variant: timing}, {variant: plan text}, {variant: Plan fields or None}, {variant: compile s},
     {variant: error})."""

@@ -448,3 +448,14 @@ def test_vaedraw_eval_precision_fp32_is_recorded(tiny_run, small_mnist, tmp_path
     fast = evaluate_run(load_run(tiny_run, "cpu"), iwae_k=5, n_samples=50, data_dir=small_mnist, n_images=20,
                         progress=False)
     assert fast["iwae_precision"] in ("fp32", "bf16") and abs(fast["iwae"] - res["iwae"]) < 0.5
+
+
+def test_the_cpu_iwae_pass_keeps_freed_memory_and_its_decode_batch(batch, monkeypatch):
+    """On a CPU the pass keeps freed memory in the process (its ~100 MB decode buffers would otherwise be
+    page-faulted in anew every batch) and decodes MAX_DECODES at a time; the bound does not depend on it."""
+    calls = []
+    monkeypatch.setattr(evaluate, "keep_freed_memory", lambda: calls.append(1) or True)
+    model = _model()
+    lk = iwae(model, batch[:3], None, k=20, seed=5)
+    assert calls and lk.shape == (3,) and torch.isfinite(lk).all()
+    assert evaluate.decode_batch(model, batch[:3], None, 1000) == evaluate.MAX_DECODES
