@@ -50,10 +50,12 @@ __all__ = ["Batcher", "Checkpointer", "Monitor", "RESUME_FREE_KEYS", "TrainingDi
            "finish_run", "learning_rate", "train"]
 
 N_FIXED = 10  # fixed test inputs (and codes per row) in the monitoring picture
-# The mixture fit's time per training image: encoding it, plus EM per component (measured on 2 shared CPU
-# cores: 60,000 images take about 5 s with 3 components and about 150 s with 100).
+# The mixture fit's time per training image: encoding it, plus EM per component for a 32-d code (full
+# covariances: the EM work grows as the code's dimension squared). Measured on 2 CPU cores: 60,000 images
+# take about 5 s with 3 components and about 140 s with 100 for a 32-d code, 36 s for a 16-d one.
 GMM_SECONDS_PER_IMAGE = 7e-5
 GMM_SECONDS_PER_IMAGE_COMPONENT = 2.4e-5
+GMM_REFERENCE_DIM = 32
 
 
 # ----------------------------------------------------------------------------- batches
@@ -545,7 +547,8 @@ def finish_run(out: Path, model, cfg: RunConfig, train_split, dev: torch.device)
 
 def _fit_mixture(out: Path, model, cfg: RunConfig, train_split) -> None:
     k, n = cfg.sample.gmm_components, len(train_split)
-    estimate = n * (GMM_SECONDS_PER_IMAGE + GMM_SECONDS_PER_IMAGE_COMPONENT * k)
+    d = model.code_dim
+    estimate = n * (GMM_SECONDS_PER_IMAGE + GMM_SECONDS_PER_IMAGE_COMPONENT * k * (d / GMM_REFERENCE_DIM) ** 2)
     print(f"vaedraw: fitting the gmm sampler: encoding {n:,} training images, then a {k}-component Gaussian "
           f"mixture to their codes (roughly {estimate:.0f} s on 2 CPU cores; Ctrl-C is safe, --resume redoes it)",
           file=sys.stderr, flush=True)
