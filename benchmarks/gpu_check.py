@@ -21,7 +21,9 @@ Items, in priority order (the time budget drops the later ones first):
 7. `vaedraw train --preset default` end to end, then `vaedraw eval RUN --iwae-k 5000` on the 10,000 test
    images (target: at most 60 s);
 8. `vaedraw train --preset hierarchical` for as many steps as the time left allows (from item 5's ms/step),
-   then `vaedraw eval` with k = 1,000 and k = 5,000 (on 1,000 images when time is short).
+   then `vaedraw eval` with k = 1,000 and k = 5,000 (on 1,000 images when time is short);
+9. seed with torch.compile in mode reduce-overhead (its fusions inside its own CUDA graphs), checked and
+   timed like item 2, when time is left.
 
 Every item runs in its own try/except (a failure is logged with its traceback and reported, never fatal),
 and starts only when its estimated cost fits in what is left of --budget-s; what does not fit is reported
@@ -79,7 +81,13 @@ CONV_VARIANTS = {
     "graph bf16": ({"cuda_graph": True, "precision": "bf16"}, True, True),
     "graph tf32": ({"cuda_graph": True}, True, True),
 }
-VARIANTS = {"seed": SEED_VARIANTS, "default": CONV_VARIANTS, "hierarchical": CONV_VARIANTS}
+# Last of all, when time is left: torch.compile's fusions inside its own CUDA graphs (mode reduce-overhead), what
+# the seed step's many small kernels might still gain (a 4th element: the compile mode)
+LATE_SEED_VARIANTS = {
+    "compile reduce-overhead bf16+cl+conv": ({"compile": True, "precision": "bf16", "channels_last": True,
+                                              "conv_as_conv": True}, True, True, "reduce-overhead"),
+}
+VARIANTS = {"seed": {**SEED_VARIANTS, **LATE_SEED_VARIANTS}, "default": CONV_VARIANTS, "hierarchical": CONV_VARIANTS}
 SEED_PLAIN_PORT = (27.8, 28.0)  # the seed's full-schedule test loss of a plain port (docs/RESULTS.md)
 FULL_TARGET_S, SPEEDUP_TARGET, EVAL_TARGET_S = 15.0, 10.0, 60.0
 # kept for the hierarchical run's two evaluations at least: before any evaluation was timed, and after the
@@ -94,11 +102,11 @@ HIER_TRAIN_EXTRA = ("--compile", "off", "--set", "sample.fit_gmm=false")
 # started only when its estimate fits in the time left. CUDA: the H200 figures of docs/SPEED.md (2026-12-04).
 GUESS = {
     "cuda": {"ms": {"seed": (4.3, 0.9), "default": (3.9, 0.6), "hierarchical": (13.8, 3.3)},
-             "setup_s": 3.0, "capture_s": 4.0, "start_s": 20.0, "gmm_s": 65.0, "finish_s": 5.0,
+             "setup_s": 3.0, "capture_s": 4.0, "compile_s": 60.0, "start_s": 20.0, "gmm_s": 65.0, "finish_s": 5.0,
              "eval_s": 0.3, "picture_s": 0.03, "checkpoint_s": 0.2, "quality_s": 15.0,
              "iwae_s_per_m": {"seed": 0.6, "default": 0.4, "hierarchical": 2.5}},  # seconds per million decodes
     "cpu": {"ms": {"seed": (150.0, 80.0), "default": (45.0, 40.0), "hierarchical": (140.0, 100.0)},
-            "setup_s": 2.0, "capture_s": 0.0, "start_s": 8.0, "gmm_s": 10.0, "finish_s": 3.0,
+            "setup_s": 2.0, "capture_s": 0.0, "compile_s": 40.0, "start_s": 8.0, "gmm_s": 10.0, "finish_s": 3.0,
             "eval_s": 0.5, "picture_s": 0.2, "checkpoint_s": 0.3, "quality_s": 10.0,
             "iwae_s_per_m": {"seed": 300.0, "default": 300.0, "hierarchical": 700.0}},
 }
@@ -124,7 +132,7 @@ def set_backends(tf32: bool, bench: bool) -> None:
 
 
 def build(cfg, device, spec) -> Trainer:
-    fields, tf32, bench = spec
+    fields, tf32, bench, *mode = spec
     set_backends(tf32, bench)
     if fields is None and cfg.train.grad_clip > 0:
         # the plain step does not clip gradients: the reference is then the fast path's float32 eager step
@@ -136,7 +144,10 @@ def build(cfg, device, spec) -> Trainer:
         fields.pop("conv_as_conv", None)
     if device.type != "cuda":
         fields.pop("cuda_graph", None)
-    return Trainer(cfg, device, fastpath.Plan(reason="gpu_check", **fields))
+    tr = Trainer(cfg, device, fastpath.Plan(reason="gpu_check", **fields))
+    if mode and mode[0] != "default":
+        tr.fast.forward = torch.compile(tr.fast.objective, mode=mode[0])
+    return tr
 
 
 def time_steps(tr: Trainer, batcher, steps: int, device) -> float:
@@ -347,13 +358,18 @@ def variant(c: Check, name: str, vname: str, spec) -> dict:
 
 
 def variant_estimate(c: Check, name: str, spec) -> float:
-    graph = bool(spec[0] and spec[0].get("cuda_graph"))
+    graph = bool(spec[0] and (spec[0].get("cuda_graph") or spec[0].get("compile")))
+    compiling = bool(spec[0] and spec[0].get("compile"))
     steps = c.check_steps(name) + c.timed_steps(name) + 5
-    return c.g["setup_s"] + (c.g["capture_s"] if graph else 0) + 1.3 * steps * c.ms(name, graph) / 1000
+    return (c.g["setup_s"] + (c.g["capture_s"] if graph else 0) + (c.g["compile_s"] if compiling else 0)
+            + 1.3 * steps * c.ms(name, graph) / 1000)
 
 
-def variants_section(c: Check, name: str) -> None:
-    for vname, spec in VARIANTS[name].items():
+def variants_section(c: Check, name: str, variants: dict | None = None) -> None:
+    """The preset's variants (`variants`: these instead; by default all but the late ones)."""
+    if variants is None:
+        variants = SEED_VARIANTS if name == "seed" else VARIANTS[name]
+    for vname, spec in variants.items():
         c.item(f"variant/{name}/{vname}", variant_estimate(c, name, spec),
                lambda vname=vname, spec=spec: variant(c, name, vname, spec))
     c.publish()
@@ -826,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             c.save()
         else:
             hierarchical_run(c)
+        variants_section(c, "seed", LATE_SEED_VARIANTS)
     except Terminated:
         c.log(f"terminated (SIGTERM) after {c.elapsed():.0f} s; keeping what was measured")
     except Exception:  # nothing above should get here: items catch their own
