@@ -493,8 +493,7 @@ def _likelihoods(run, images: torch.Tensor, labels: torch.Tensor, iwae_k: int, s
     else:
         res = dict(elbo=-ev["loss"], recon=ev["recon"], kl=ev["kl"], objective=None)
     t0 = time.perf_counter()
-    # A GPU holds far more decodes per call than the CPU's caches like.
-    max_decodes = decode_batch(model, x, y, iwae_k, precision)
+    max_decodes = decode_batch(model, x, y, iwae_k, precision)  # a GPU holds far more than a CPU's caches like
     bar = Progress(len(x), f"IWAE bound, k={iwae_k:,}", "images", enabled=progress, label="vaedraw eval")
     try:
         lk = iwae(model, x, y, iwae_k, seed=EVAL_SEED + seed, max_decodes=max_decodes,
