@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from vaedraw import fastpath  # noqa: E402
+from vaedraw import autotune, fastpath  # noqa: E402
 from vaedraw.config import preset  # noqa: E402
 from vaedraw.models import build_model  # noqa: E402
 from vaedraw.train import Batcher  # noqa: E402
@@ -188,16 +188,6 @@ def worker(rank: int, world: int, port: int, name: str, steps: int, rounds: int,
         dist.destroy_process_group()
 
 
-def busy_cpu_s() -> float | None:
-    """CPU seconds every process on the machine has used since boot (Linux /proc/stat), None elsewhere."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def own_cpu_s() -> float:
     """CPU seconds of this process and of its finished children (the workers, once joined)."""
     return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -209,12 +199,11 @@ def measure(name: str, steps: int, rounds: int, warmup: int, data_dir) -> dict:
     CPU time other processes on the machine used meanwhile (None where /proc/stat is missing)."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    b0, o0, w0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+    load = autotune.LoadMeter(own=own_cpu_s)
     mp.spawn(worker, args=(WORLD, free_port(), name, steps, rounds, warmup, data_dir, results), nprocs=WORLD,
              join=True)
-    b1, o1, wall = busy_cpu_s(), own_cpu_s(), time.perf_counter() - w0
     r = results.get()
-    r["other_load"] = None if b0 is None else max(0.0, (b1 - b0) - (o1 - o0)) / wall
+    r["other_load"] = load.other_cores()
     return r
 
 

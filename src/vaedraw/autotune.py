@@ -78,18 +78,20 @@ def machine_busy_seconds() -> float | None:
 
 
 class LoadMeter:
-    """How many cores' worth of CPU other processes used while this one measured: (machine busy time -
-    this process's CPU time) / wall time. None where /proc/stat is unreadable."""
+    """How many cores' worth of CPU other processes used since it was made: (machine busy time - our own CPU
+    time) / wall time. `own`: our CPU seconds (default: this process's; a benchmark with worker processes
+    counts theirs too). None where /proc/stat is unreadable."""
 
-    def __init__(self):
-        self.t0, self.own0, self.busy0 = _clock(), time.process_time(), machine_busy_seconds()
+    def __init__(self, own=time.process_time):
+        self.own = own
+        self.t0, self.own0, self.busy0 = _clock(), own(), machine_busy_seconds()
 
     def other_cores(self) -> float | None:
         busy = machine_busy_seconds()
         wall = _clock() - self.t0
         if busy is None or self.busy0 is None or wall <= 0:
             return None
-        return max(0.0, (busy - self.busy0) - (time.process_time() - self.own0)) / wall
+        return max(0.0, (busy - self.busy0) - (self.own() - self.own0)) / wall
 
 
 # ----------------------------------------------------------------------------- the key and the cache
