@@ -94,21 +94,20 @@ def measured_plan(cfg, device: torch.device, data) -> fastpath.Plan:
 
 def time_rounds(trainers: dict[str, Trainer], x, y, steps: int, rounds: int) -> dict[str, dict]:
     """Alternate `rounds` rounds of `steps` steps over the trainers; per trainer the median ms/step."""
-    device = x.device
     wall: dict[str, list[float]] = {k: [] for k in trainers}
     cpu: dict[str, list[float]] = {k: [] for k in trainers}
-    lr = trainers[next(iter(trainers))].cfg.train.lr
     for _ in range(rounds):
         for name, tr in trainers.items():
-            sync(device)
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                out = tr.step(x, y, lr)
-            out.sum().item()
-            wall[name].append((time.perf_counter() - w0) / steps * 1000)
-            cpu[name].append((time.process_time() - c0) / steps * 1000)
+            ms, cpu_ms = time_round(tr, x, y, steps)
+            wall[name].append(ms)
+            cpu[name].append(cpu_ms)
+    return summarize(wall, cpu)
+
+
+def summarize(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict[str, dict]:
+    """Per variant: the median and minimum wall ms/step over the rounds, the median CPU ms/step."""
     return {k: {"ms": statistics.median(wall[k]), "ms_min": min(wall[k]), "cpu_ms": statistics.median(cpu[k])}
-            for k in trainers}
+            for k in wall}
 
 
 def build_trainers(name: str, device: torch.device, variants: list[str], data, log, default_malloc: bool):
@@ -209,9 +208,7 @@ def time_isolated(name: str, variants: list[str], args) -> tuple[dict, dict, dic
                 p.send_signal(signal.SIGCONT)
             p.stdin.close()
             p.wait(timeout=60)
-    timing = {v: {"ms": statistics.median(wall[v]), "ms_min": min(wall[v]), "cpu_ms": statistics.median(cpu[v])}
-              for v in procs}
-    return timing, plans, fields, compile_s, errors
+    return summarize(wall, cpu), plans, fields, compile_s, errors
 
 
 def bench_preset(name: str, device: torch.device, variants: list[str], args, log=print) -> list[dict]:
